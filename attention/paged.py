@@ -1,0 +1,124 @@
+"""Paged KV storage and the per-step attention metadata built from block tables.
+
+One pool of blocks serves every layer: a block holds `block_size` positions of K and V for one
+layer of one sequence. Block tables (per sequence, per layer) come from the KV cache manager
+(`attention.kv_cache`), which frees chunked layers' blocks that fall behind the current chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class KVPool:
+    """K and V storage: [num_blocks, block_size, Nkv, D] each."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.block_size = block_size
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.k[0].numel() * self.k.element_size()
+
+    def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v [T, Nkv, D] at flat slots [T] (block * block_size + offset)."""
+        self.k.view(-1, *self.k.shape[2:])[slot_mapping] = k
+        self.v.view(-1, *self.v.shape[2:])[slot_mapping] = v
+
+    def gather(self, key_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """key_blocks [B, NB] -> keys, values [B, NB*block_size, Nkv, D]."""
+        b, nb = key_blocks.shape
+        keys = self.k[key_blocks].reshape(b, nb * self.block_size, *self.k.shape[2:])
+        values = self.v[key_blocks].reshape(b, nb * self.block_size, *self.v.shape[2:])
+        return keys, values
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """The tokens one sequence computes this step: positions [start_pos, start_pos + len(token_ids))."""
+
+    request_id: str
+    token_ids: Sequence[int]
+    start_pos: int
+
+
+@dataclass(frozen=True)
+class LayerMeta:
+    slot_mapping: torch.Tensor  # [T] flat KV slot of each new token
+    key_blocks: torch.Tensor  # [B, NB] blocks to read (0 where unused; masked by key_valid)
+    key_pos: torch.Tensor  # [B, NB*block_size] position of each gathered key
+    key_valid: torch.Tensor  # [B, NB*block_size] key exists and is readable
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    token_ids: torch.Tensor  # [T] int64, sequences laid out one after another
+    positions: torch.Tensor  # [T] int64
+    q_index: torch.Tensor  # [B, Qmax] flat token index of each padded query (-1 = padding)
+    q_valid: torch.Tensor  # [B, Qmax]
+    q_pos: torch.Tensor  # [B, Qmax] (padding rows: -1, so they see nothing)
+    layers: tuple[LayerMeta, ...]
+    last_token_index: torch.Tensor  # [B] flat index of each sequence's last token this step
+
+
+def build_batch(
+    chunks: Sequence[SeqChunk],
+    block_table: Callable[[str, int], list[int]],
+    key_start: Callable[[int, int], int],
+    num_layers: int,
+    block_size: int,
+) -> AttentionBatch:
+    """Flatten chunks into one batch. `block_table(request_id, layer)` gives a layer's blocks
+    (-1 where freed); `key_start(layer, start_pos)` is the first position a layer's queries can
+    see (0 for full attention, the chunk start for chunked layers)."""
+    lengths = [len(c.token_ids) for c in chunks]
+    q_max = max(lengths, default=0)
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    token_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
+    positions = torch.cat([torch.arange(c.start_pos, c.start_pos + n) for c, n in zip(chunks, lengths, strict=True)]
+                          ) if chunks else torch.zeros(0, dtype=torch.long)
+    j = torch.arange(q_max)[None, :]
+    lens = torch.tensor(lengths, dtype=torch.long)[:, None]
+    q_valid = j < lens
+    q_index = torch.where(q_valid, offsets[:-1, None] + j, -1)
+    starts = torch.tensor([c.start_pos for c in chunks], dtype=torch.long)[:, None]
+    q_pos = torch.where(q_valid, starts + j, -1)
+    layers = tuple(
+        _layer_meta(chunks, lengths, block_table, layer, key_start, block_size) for layer in range(num_layers)
+    )
+    return AttentionBatch(token_ids, positions, q_index, q_valid, q_pos, layers, offsets[1:] - 1)
+
+
+def _layer_meta(
+    chunks: Sequence[SeqChunk],
+    lengths: Sequence[int],
+    block_table: Callable[[str, int], list[int]],
+    layer: int,
+    key_start: Callable[[int, int], int],
+    block_size: int,
+) -> LayerMeta:
+    slots: list[int] = []
+    rows: list[list[int]] = []
+    first_blocks: list[int] = []
+    ends: list[int] = []
+    for c, n in zip(chunks, lengths, strict=True):
+        table = block_table(c.request_id, layer)
+        end = c.start_pos + n
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(c.start_pos, end))
+        first = key_start(layer, c.start_pos) // block_size
+        rows.append(table[first : (end - 1) // block_size + 1])
+        first_blocks.append(first)
+        ends.append(end)
+    nb = max((len(r) for r in rows), default=0)
+    blocks = torch.tensor([r + [-1] * (nb - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), nb)
+    key_pos = (torch.tensor(first_blocks, dtype=torch.long)[:, None] * block_size
+               + torch.arange(nb * block_size)[None, :])
+    readable = (blocks >= 0).repeat_interleave(block_size, dim=1)
+    key_valid = readable & (key_pos < torch.tensor(ends, dtype=torch.long)[:, None])
+    return LayerMeta(torch.tensor(slots, dtype=torch.long), blocks.clamp(min=0), key_pos, key_valid)
