@@ -53,7 +53,7 @@ def rope_rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tens
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2j], x[2j+1]) of x [T, N, D] by rotation [T, D/2], in fp32."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2))
     return torch.view_as_real(xc * rotation[:, None, :]).flatten(-2).type_as(x)
 
 
@@ -72,7 +72,9 @@ def attention_mask(
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
     allowed = (kp <= qp) & k_valid[:, None, :]
     if chunk_size is not None:
-        allowed &= torch.div(kp, chunk_size, rounding_mode="floor") == torch.div(qp, chunk_size, rounding_mode="floor")
+        allowed &= torch.div(kp, chunk_size, rounding_mode="floor") == torch.div(
+            qp, chunk_size, rounding_mode="floor"
+        )
     return allowed
 
 

@@ -168,7 +168,7 @@ class Llama4Decoder:
         q_padded = q[batch.q_index.clamp(min=0)]  # [B, Qmax, Nq, D]
         out = attend(q_padded, keys, values, mask)
         out = out[batch.q_valid]  # back to [T, Nq, D], token order preserved by construction
-        return out.reshape(t, -1) @ lw.o.T
+        return out.reshape(t, cfg.num_attention_heads * d) @ lw.o.T
 
     def _moe(self, layer_idx: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         expert_idx, score = top1_gate(x, lw.router)

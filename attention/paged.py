@@ -16,7 +16,9 @@ import torch
 class KVPool:
     """K and V storage: [num_blocks, block_size, Nkv, D] each."""
 
-    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    def __init__(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.block_size = block_size
         self.k = torch.zeros(shape, dtype=dtype)
@@ -81,8 +83,11 @@ def build_batch(
     q_max = max(lengths, default=0)
     offsets = torch.tensor([0, *lengths]).cumsum(0)
     token_ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
-    positions = torch.cat([torch.arange(c.start_pos, c.start_pos + n) for c, n in zip(chunks, lengths, strict=True)]
-                          ) if chunks else torch.zeros(0, dtype=torch.long)
+    positions = (
+        torch.cat([torch.arange(c.start_pos, c.start_pos + n) for c, n in zip(chunks, lengths, strict=True)])
+        if chunks
+        else torch.zeros(0, dtype=torch.long)
+    )
     j = torch.arange(q_max)[None, :]
     lens = torch.tensor(lengths, dtype=torch.long)[:, None]
     q_valid = j < lens
@@ -117,8 +122,10 @@ def _layer_meta(
         ends.append(end)
     nb = max((len(r) for r in rows), default=0)
     blocks = torch.tensor([r + [-1] * (nb - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), nb)
-    key_pos = (torch.tensor(first_blocks, dtype=torch.long)[:, None] * block_size
-               + torch.arange(nb * block_size)[None, :])
+    key_pos = (
+        torch.tensor(first_blocks, dtype=torch.long)[:, None] * block_size
+        + torch.arange(nb * block_size)[None, :]
+    )
     readable = (blocks >= 0).repeat_interleave(block_size, dim=1)
     key_valid = readable & (key_pos < torch.tensor(ends, dtype=torch.long)[:, None])
     return LayerMeta(torch.tensor(slots, dtype=torch.long), blocks.clamp(min=0), key_pos, key_valid)

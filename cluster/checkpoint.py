@@ -80,7 +80,9 @@ class SafetensorsFile:
             if info["dtype"] not in _DTYPES:
                 raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
             begin, end = info["data_offsets"]
-            self.entries[name] = _Entry(_DTYPES[info["dtype"]], tuple(info["shape"]), base + begin, base + end)
+            self.entries[name] = _Entry(
+                _DTYPES[info["dtype"]], tuple(info["shape"]), base + begin, base + end
+            )
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -165,11 +167,15 @@ class CheckpointReader:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            missing = sorted({f for f in weight_map.values() if not (self.directory / f).exists()})
+            if missing:
+                raise CheckpointError(f"{self.directory}: shards named by the index do not exist: {missing}")
             return {name: file for name, file in weight_map.items() if not name.startswith(_SKIPPED_PREFIXES)}
         single = self.directory / "model.safetensors"
         if not single.exists():
             raise CheckpointError(
-                f"{self.directory}: no model.safetensors or model.safetensors.index.json (only safetensors is read)"
+                f"{self.directory}: no model.safetensors or model.safetensors.index.json "
+                "(only safetensors is read)"
             )
         names = self._file(single.name).entries
         return {name: single.name for name in names if not name.startswith(_SKIPPED_PREFIXES)}
@@ -259,9 +265,14 @@ class ExpertWeights:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if name not in names:
         raise ValueError(f"unknown dtype {name!r} (allowed: {', '.join(sorted(names))})")
     return names[name]
-

@@ -118,7 +118,9 @@ def _parse_rope(text: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     if rope_type in (None, "default"):
         return theta, None
     if rope_type != "llama3":
-        raise ValueError(f"config field 'rope_scaling': unsupported rope_type {rope_type!r} (allowed: default, llama3)")
+        raise ValueError(
+            f"config field 'rope_scaling': unsupported rope_type {rope_type!r} (allowed: default, llama3)"
+        )
     try:
         return theta, RopeScaling(
             factor=float(merged["factor"]),
@@ -136,9 +138,7 @@ def _layer_lists(text: dict[str, Any], num_layers: int) -> tuple[tuple[bool, ...
         interval = int(text.get("no_rope_layer_interval", 4))
         no_rope = [int((i + 1) % interval != 0) for i in range(num_layers)]
     if len(no_rope) != num_layers:
-        raise ValueError(
-            f"config field 'no_rope_layers' has {len(no_rope)} entries for {num_layers} layers"
-        )
+        raise ValueError(f"config field 'no_rope_layers' has {len(no_rope)} entries for {num_layers} layers")
     moe = text.get("moe_layers")
     if moe is None:
         step = int(text.get("interleave_moe_layer_step", 1))
@@ -155,7 +155,9 @@ def _parse_text_config(text: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"config field 'model_type' is {model_type!r}; expected 'llama4_text'")
     top_k = text.get("num_experts_per_tok", 1)
     if top_k != 1:
-        raise ValueError(f"config field 'num_experts_per_tok' is {top_k}; only top-1 routing (1) is supported")
+        raise ValueError(
+            f"config field 'num_experts_per_tok' is {top_k}; only top-1 routing (1) is supported"
+        )
     if text.get("attention_bias"):
         raise ValueError("config field 'attention_bias' is true; Llama 4 attention has no bias")
     if text.get("hidden_act", "silu") != "silu":
@@ -167,7 +169,9 @@ def _parse_text_config(text: dict[str, Any]) -> ModelConfig:
     heads = _require(text, "num_attention_heads")
     kv_heads = text.get("num_key_value_heads") or heads
     if heads % kv_heads:
-        raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+        raise ValueError(
+            f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+        )
     head_dim = text.get("head_dim") or hidden // heads
     if head_dim % 2:
         raise ValueError(f"config field 'head_dim' must be even for RoPE, got {head_dim}")

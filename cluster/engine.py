@@ -74,11 +74,17 @@ class EngineCore:
         self.engine_cfg = engine_cfg
         self.tokenizer = tokenizer
         dtype = parse_dtype(engine_cfg.dtype)
-        self.pool = KVPool(engine_cfg.num_kv_blocks, engine_cfg.block_size, cfg.num_key_value_heads,
-                           cfg.head_dim, dtype)
+        self.pool = KVPool(
+            engine_cfg.num_kv_blocks, engine_cfg.block_size, cfg.num_key_value_heads, cfg.head_dim, dtype
+        )
         chunked = [cfg.is_chunked(i) for i in range(cfg.num_hidden_layers)]
-        self.kv = KVCacheManager(engine_cfg.num_kv_blocks, engine_cfg.block_size, chunked,
-                                 cfg.attention_chunk_size, self.pool.bytes_per_block)
+        self.kv = KVCacheManager(
+            engine_cfg.num_kv_blocks,
+            engine_cfg.block_size,
+            chunked,
+            cfg.attention_chunk_size,
+            self.pool.bytes_per_block,
+        )
         self.scheduler = Scheduler(SchedulerConfig(engine_cfg.max_num_seqs, engine_cfg.token_budget), self.kv)
         self._generators: dict[str, torch.Generator] = {}
         self._stops: dict[str, _StopStrings] = {}
@@ -97,8 +103,9 @@ class EngineCore:
         if request.params.stop:
             if self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer")
-            self._stops[request.request_id] = _StopStrings(IncrementalDetokenizer(self.tokenizer),
-                                                           request.params.stop)
+            self._stops[request.request_id] = _StopStrings(
+                IncrementalDetokenizer(self.tokenizer), request.params.stop
+            )
 
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.abort(request_id)
@@ -121,7 +128,7 @@ class EngineCore:
         before = {c.request_id: len(self._requests[c.request_id].output_token_ids) for c in sched.chunks}
         outputs = []
         for request in self.scheduler.update(sched, sampled):
-            new = tuple(request.output_token_ids[before.get(request.request_id, 0):])
+            new = tuple(request.output_token_ids[before.get(request.request_id, 0) :])
             self._check_stop_strings(request, new)
             outputs.append(_output(request, new))
             if request.is_finished:
@@ -130,8 +137,13 @@ class EngineCore:
 
     def _execute(self, sched: SchedulerOutput) -> dict[str, int]:
         chunks = [SeqChunk(c.request_id, c.token_ids, c.start_pos) for c in sched.chunks]
-        batch = build_batch(chunks, self.kv.block_table, self._key_start, self.cfg.num_hidden_layers,
-                            self.engine_cfg.block_size)
+        batch = build_batch(
+            chunks,
+            self.kv.block_table,
+            self._key_start,
+            self.cfg.num_hidden_layers,
+            self.engine_cfg.block_size,
+        )
         hidden = self.decoder.forward(batch, self.pool)
         rows = [i for i, c in enumerate(sched.chunks) if c.sample]
         if not rows:
@@ -162,12 +174,19 @@ class EngineCore:
 
 
 def _output(request: Request, new: tuple[int, ...]) -> RequestOutput:
-    return RequestOutput(request.request_id, new, request.is_finished, request.finish_reason,
-                         len(request.prompt_token_ids), len(request.output_token_ids))
+    return RequestOutput(
+        request.request_id,
+        new,
+        request.is_finished,
+        request.finish_reason,
+        len(request.prompt_token_ids),
+        len(request.output_token_ids),
+    )
 
 
-def build_local_core(model_dir: str | Path, engine_cfg: EngineConfig | None = None,
-                     experts: MoEBackend | None = None) -> EngineCore:
+def build_local_core(
+    model_dir: str | Path, engine_cfg: EngineConfig | None = None, experts: MoEBackend | None = None
+) -> EngineCore:
     """A colocated engine core from a checkpoint directory (experts local unless given)."""
     from experts.slots import LocalExperts
 
@@ -200,7 +219,9 @@ class LLMEngine:
     def from_checkpoint(cls, model_dir: str | Path, engine_cfg: EngineConfig | None = None) -> LLMEngine:
         return cls(build_local_core(model_dir, engine_cfg))
 
-    def add(self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
         request_id = request_id or f"req-{next(self._ids)}"
         self.core.add_request(Request(request_id, list(prompt_token_ids), params))
         return request_id
@@ -208,8 +229,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         return self.core.step()
 
-    def generate(self, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-                 ) -> list[Completion]:
+    def generate(
+        self, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]:
         """Run a batch of prompts to completion; results in prompt order."""
         prompts = [list(p) for p in prompts]
         per = list(params) if isinstance(params, Sequence) else [params] * len(prompts)

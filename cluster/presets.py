@@ -106,8 +106,11 @@ def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     def norm() -> torch.Tensor:
         return 1.0 + 0.1 * torch.randn(h, generator=g)
 
-    w = {"embed_tokens.weight": torch.randn(cfg.vocab_size, h, generator=g), "norm.weight": norm(),
-         "lm_head.weight": lin(cfg.vocab_size, h, fan_in=h, gain=4.0)}
+    w = {
+        "embed_tokens.weight": torch.randn(cfg.vocab_size, h, generator=g),
+        "norm.weight": norm(),
+        "lm_head.weight": lin(cfg.vocab_size, h, fan_in=h, gain=4.0),
+    }
     for layer in range(cfg.num_hidden_layers):
         p = f"layers.{layer}."
         w[p + "input_layernorm.weight"] = norm()
@@ -115,7 +118,9 @@ def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
         w[p + "self_attn.q_proj.weight"] = lin(cfg.num_attention_heads * d, h, fan_in=h, gain=2.0)
         w[p + "self_attn.k_proj.weight"] = lin(cfg.num_key_value_heads * d, h, fan_in=h, gain=2.0)
         w[p + "self_attn.v_proj.weight"] = lin(cfg.num_key_value_heads * d, h, fan_in=h)
-        w[p + "self_attn.o_proj.weight"] = lin(h, cfg.num_attention_heads * d, fan_in=cfg.num_attention_heads * d)
+        w[p + "self_attn.o_proj.weight"] = lin(
+            h, cfg.num_attention_heads * d, fan_in=cfg.num_attention_heads * d
+        )
         if cfg.is_moe(layer):
             f = p + "feed_forward."
             w[f + "router.weight"] = lin(e, h, fan_in=h, gain=3.0)
@@ -157,9 +162,13 @@ def write_checkpoint(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {_full_name(k): v.to(dtype).contiguous() for k, v in weights.items()}
-    config = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
-              "text_config": {**text_config, "torch_dtype": str(dtype).removeprefix("torch.")},
-              "tie_word_embeddings": False, "image_token_index": 200092}
+    config = {
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": "llama4",
+        "text_config": {**text_config, "torch_dtype": str(dtype).removeprefix("torch.")},
+        "tie_word_embeddings": False,
+        "image_token_index": 200092,
+    }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shards = _shard(tensors, max_shard_bytes)
     if len(shards) == 1:

@@ -38,7 +38,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # a stop token id or stop string
     LENGTH = "length"  # max_tokens reached
     ABORT = "abort"  # cancelled by the client

@@ -15,7 +15,9 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> list[int]:
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> list[int]:
     """logits [N, V] fp32, one row per request -> N token ids.
 
     Each row samples with its own generator, so a request's tokens do not depend on what else

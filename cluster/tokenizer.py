@@ -47,7 +47,13 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._decode(list(ids))
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def decode_output(self, ids: Iterable[int]) -> str:
+        """Generated text: stop tokens are not part of it."""
+        return self._decode([t for t in ids if t not in self.stop_token_ids])
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
         """`<|begin_of_text|>` then `<|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>` per
         message, then `<|header_start|>assistant<|header_end|>\\n\\n` for the reply."""
         if not messages:

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny checkpoints made once per session, the transformers referee, prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.presets import make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_maverick(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint("tiny-maverick", tmp_path_factory.mktemp("ckpt") / "tiny-maverick", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_scout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(
+        "tiny-scout", tmp_path_factory.mktemp("ckpt") / "tiny-scout", seed=1, max_shard_size="20MB"
+    )
+
+
+@pytest.fixture(scope="session", params=["tiny-maverick", "tiny-scout"])
+def tiny_checkpoint(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue(request.param.replace("-", "_"))

@@ -1,0 +1,42 @@
+"""Test helpers: the transformers referee and prompt pools."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+
+@functools.cache
+def hf_model(model_dir: Path):
+    """transformers' Llama4ForCausalLM on the same weights (cached per checkpoint)."""
+    from cluster.hf_reference import load_hf_causal_lm
+
+    return load_hf_causal_lm(model_dir)
+
+
+def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 200000, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+    """transformers' greedy continuation, and the smallest top-1/top-2 logit gap along it.
+
+    A gap near zero is a tie that rounding may break either way; tests assert it is clear of
+    zero so that an exact token comparison is meaningful.
+    """
+    model = hf_model(model_dir)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    return out.sequences[0, len(prompt) :].tolist(), min(gaps)
