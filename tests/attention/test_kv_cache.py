@@ -140,9 +140,10 @@ def test_failed_allocate_changes_nothing() -> None:
 
 
 def test_release_counts_toward_a_tight_allocation() -> None:
-    kv = KVCacheManager(num_blocks=4, block_size=4, chunked_layers=(True, False), chunk_size=8)
+    kv = KVCacheManager(num_blocks=4, block_size=4, chunked_layers=(False, True), chunk_size=8)
     assert kv.allocate("a", 0, 8)  # the pool is full
-    # [8, 12) takes one block per layer and the chunked layer releases two first.
+    # [8, 12) takes one block per layer, and the chunked layer releases two first, even though
+    # the global layer comes before it.
     assert kv.blocks_needed("a", 8, 12) == 0
     assert kv.allocate("a", 8, 12)
     assert kv.usage().blocks_used == 4

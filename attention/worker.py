@@ -1,0 +1,99 @@
+"""The attention worker: a Ray actor, one data-parallel rank.
+
+It owns the non-expert weights, its share of the running sequences and their paged KV cache, and
+samples locally; only token ids leave it. Its MoE backend is the all-to-all dispatcher. One Ray
+call per step (`step`), carrying the requests that join and the ones cancelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attention.model import Llama4Decoder, load_non_expert_weights
+from cluster.checkpoint import CheckpointReader, parse_dtype
+from cluster.engine import EngineConfig, EngineCore, RequestOutput
+from cluster.rendezvous import ProcessGroupMember
+from cluster.request import Request
+from cluster.tokenizer import Tokenizer
+from router.dispatcher import AttentionDispatcher, Command, Header, Topology, exchange_header
+from router.placement import Placement
+
+
+@dataclass(frozen=True)
+class StepInput:
+    step_id: int
+    new_requests: tuple[Request, ...] = ()
+    aborts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepResult:
+    dp_rank: int
+    outputs: tuple[RequestOutput, ...]
+    rejected: tuple[tuple[str, str], ...] = ()  # (request_id, reason) for requests it could not take
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class AttentionWorker(ProcessGroupMember):
+    def __init__(
+        self,
+        model_dir: str,
+        dp_rank: int,
+        topology: Topology,
+        placement: Placement,
+        engine_cfg: EngineConfig,
+        device: str,
+    ) -> None:
+        super().__init__(device)
+        self.dp_rank = self.rank = dp_rank
+        dtype = parse_dtype(engine_cfg.dtype)
+        with CheckpointReader(Path(model_dir)) as reader:
+            cfg = reader.config
+            weights = load_non_expert_weights(reader, dtype)
+        self.dispatcher = AttentionDispatcher(topology, placement, cfg.moe_layers, dp_rank, self.device)
+        decoder = Llama4Decoder(cfg, weights, self.dispatcher)
+        self.core = EngineCore(cfg, decoder, engine_cfg, Tokenizer(model_dir))
+
+    def step(self, step: StepInput) -> StepResult:
+        """One lock-step across the world: every attention rank runs the layers, with or without
+        tokens, so every exchange has all its members."""
+        rejected = []
+        for rid in step.aborts:
+            self.core.abort(rid)
+        for request in step.new_requests:
+            try:
+                self.core.add_request(request)
+            except ValueError as e:
+                rejected.append((request.request_id, str(e)))
+        header = Header(step.step_id, self.dispatcher.placement.version, Command.STEP)
+        exchange_header(header if self.dp_rank == 0 else None, self.device)
+        self.dispatcher.step_id = step.step_id
+        outputs = self.core.step(run_empty=True)
+        usage = self.core.kv.usage()
+        s = self.core.scheduler
+        return StepResult(
+            self.dp_rank,
+            tuple(outputs),
+            tuple(rejected),
+            s.num_running,
+            s.num_waiting,
+            usage.blocks_used,
+            usage.blocks_total,
+        )
+
+    def stop_experts(self) -> None:
+        """Every attention rank joins the STOP broadcast; rank 0's header ends the expert loops."""
+        header = Header(-1, self.dispatcher.placement.version, Command.STOP)
+        exchange_header(header if self.dp_rank == 0 else None, self.device)
+
+    def stats(self) -> dict:
+        return {
+            "dp_rank": self.dp_rank,
+            "rows_sent_per_layer": dict(self.dispatcher.sent.per_layer),
+            "rows_returned_per_layer": dict(self.dispatcher.returned.per_layer),
+        }

@@ -1,0 +1,224 @@
+"""The disaggregated engine: M attention workers and N expert workers on Ray.
+
+The driver holds no model state. Each step it makes one Ray call per attention worker (new
+requests, cancellations) and gathers the token ids they sampled; expert workers run their own
+loop driven by the header attention rank 0 broadcasts, so they get no Ray call per step.
+Requests go to the attention rank with the fewest unfinished requests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from attention.worker import AttentionWorker, StepInput, StepResult
+from cluster.config import ModelConfig
+from cluster.engine import Completion, EngineConfig, RequestOutput
+from cluster.request import FinishReason, Request, SamplingParams
+from cluster.topology import ClusterConfig, bundles, plan_topology
+from experts.worker import ExpertWorker
+
+log = logging.getLogger(__name__)
+
+
+class RequestRejected(ValueError):
+    def __init__(self, request_id: str, reason: str) -> None:
+        super().__init__(reason)
+        self.request_id = request_id
+
+
+class ClusterEngine:
+    """Same verbs as the single-process engine: add, abort, step, has_unfinished."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        cluster: ClusterConfig,
+        engine_cfg: EngineConfig | None = None,
+        address: str | None = None,
+    ) -> None:
+        self.model_dir = str(model_dir)
+        self.cluster = cluster
+        self.engine_cfg = engine_cfg or EngineConfig()
+        self.model_cfg = ModelConfig.from_file(self.model_dir)
+        self.topology, self.placement = plan_topology(self.model_cfg, cluster)
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        self._pg = None
+        self._loops: list[ray.ObjectRef] = []
+        self.attention: list = []
+        self.experts: list = []
+        self._ids = itertools.count()
+        self._step_ids = itertools.count()
+        self._pending: list[list[Request]] = [[] for _ in range(cluster.num_attention_workers)]
+        self._aborts: list[list[str]] = [[] for _ in range(cluster.num_attention_workers)]
+        self._owner: dict[str, int] = {}
+        self.last_results: list[StepResult] = []
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self) -> None:
+        c = self.cluster
+        resources = ray.cluster_resources()
+        specs = bundles(c, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+        self._pg = placement_group(specs, strategy=c.placement_strategy)
+        ray.get(self._pg.ready(), timeout=120)
+
+        def options(i: int) -> dict:
+            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)
+            return {
+                "scheduling_strategy": strategy,
+                "num_cpus": specs[i].get("CPU", 0),
+                "num_gpus": specs[i].get("GPU", 0),
+            }
+
+        attn_cls, expert_cls = ray.remote(AttentionWorker), ray.remote(ExpertWorker)
+        m = c.num_attention_workers
+        self.attention = [
+            attn_cls.options(**options(r)).remote(
+                self.model_dir, r, self.topology, self.placement, self.engine_cfg, c.device
+            )
+            for r in range(m)
+        ]
+        self.experts = [
+            # two threads: the step loop blocks one; stats and control calls use the other
+            expert_cls.options(max_concurrency=2, **options(m + w)).remote(
+                self.model_dir, w, self.topology, self.placement, self.engine_cfg.dtype, c.device
+            )
+            for w in range(c.num_expert_workers)
+        ]
+        workers = self.attention + self.experts
+        master = ray.get(self.attention[0].address.remote())
+        ray.get([w.join.remote(master, self.topology.world_size) for w in workers])
+        self._loops = [e.run_loop.remote() for e in self.experts]
+
+    # -- requests -------------------------------------------------------------------------
+
+    def add(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._owner:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, list(prompt_token_ids), params)
+        limit = self.model_cfg.max_position_embeddings
+        if request.num_tokens + params.max_tokens > limit:
+            raise ValueError(
+                f"prompt ({request.num_tokens} tokens) plus max_tokens ({params.max_tokens}) "
+                f"exceeds the context length {limit}"
+            )
+        counts = [0] * len(self.attention)
+        for owner in self._owner.values():
+            counts[owner] += 1
+        rank = counts.index(min(counts))
+        self._owner[request_id] = rank
+        self._pending[rank].append(request)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        rank = self._owner.get(request_id)
+        if rank is None:
+            return
+        pending = self._pending[rank]
+        kept = [r for r in pending if r.request_id != request_id]
+        if len(kept) == len(pending):
+            self._aborts[rank].append(request_id)
+        else:
+            self._pending[rank] = kept
+            del self._owner[request_id]
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._owner)
+
+    def step(self) -> list[RequestOutput]:
+        """One lock-step over all attention workers (and, through them, the expert workers)."""
+        if not self._owner and not any(self._aborts):
+            return []
+        step_id = next(self._step_ids)
+        inputs = [
+            StepInput(step_id, tuple(self._pending[r]), tuple(self._aborts[r]))
+            for r in range(len(self.attention))
+        ]
+        self._pending = [[] for _ in self.attention]
+        self._aborts = [[] for _ in self.attention]
+        self.last_results = ray.get([w.step.remote(i) for w, i in zip(self.attention, inputs, strict=True)])
+        outputs = []
+        for result in self.last_results:
+            for request_id, reason in result.rejected:
+                self._owner.pop(request_id, None)
+                outputs.append(RequestOutput(request_id, (), True, FinishReason.ABORT, 0, 0))
+                log.warning("request %s rejected: %s", request_id, reason)
+            for out in result.outputs:
+                outputs.append(out)
+                if out.finished:
+                    self._owner.pop(out.request_id, None)
+        return outputs
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+        results = {}
+        for p in prompts:
+            rid = self.add(p, params)
+            results[rid] = Completion(rid, list(p))
+        while self.has_unfinished:
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].token_ids.extend(out.new_token_ids)
+                    results[out.request_id].finish_reason = out.finish_reason
+        return list(results.values())
+
+    # -- inspection and shutdown -----------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {
+            "attention": ray.get([w.stats.remote() for w in self.attention]),
+            "experts": ray.get([w.stats.remote() for w in self.experts]),
+        }
+
+    def shutdown(self) -> None:
+        """Stop the expert loops, kill every actor, free the placement group (and Ray, if we started it)."""
+        try:
+            if self._loops:
+                ray.get([w.stop_experts.remote() for w in self.attention], timeout=60)
+                ray.get(self._loops, timeout=60)
+        except Exception as e:  # a dead worker must not keep the rest alive
+            log.warning("clean stop failed (%s); killing the workers", e)
+        self._loops = []
+        for actor in self.attention + self.experts:
+            ray.kill(actor)
+        self.attention, self.experts = [], []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def __enter__(self) -> ClusterEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def generate_on_cluster(
+    model_dir: Path,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    engine_cfg: EngineConfig,
+    num_attention: int,
+    num_experts: int,
+    address: str | None,
+) -> list[Completion]:
+    cluster = ClusterConfig(num_attention_workers=num_attention, num_expert_workers=num_experts)
+    with ClusterEngine(model_dir, cluster, engine_cfg, address) as engine:
+        return engine.generate(prompts, params)

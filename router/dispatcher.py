@@ -1,0 +1,194 @@
+"""The all-to-all token dispatcher between attention ranks and expert ranks.
+
+World layout: attention ranks 0..M-1 (data parallel), expert ranks M..M+N-1 (expert worker w is
+rank M + w). Every rank joins every exchange, in the same order, once per MoE layer:
+
+1. counts: each rank sends, for every (destination rank, local slot), how many rows it routes
+   there: an int64 tensor [world * S]. Expert ranks send zeros. Rows are sorted by (destination,
+   slot), so the receiver derives each row's slot from the counts alone; no per-row metadata.
+2. rows: the routed rows [n, H] go out with `all_to_all_single` (async on the attention side, so
+   the shared expert runs while they travel).
+3. results: expert ranks run SwiGLU per slot and send the rows back the way they came; the
+   attention side restores token order.
+
+Expert ranks are driven by a per-step header [step_id, placement_version, command] that attention
+rank 0 broadcasts before each step.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from experts.swiglu import grouped_swiglu
+from router.placement import Placement, choose_replica
+
+
+class Command(enum.IntEnum):
+    STEP = 0
+    STOP = 1
+
+
+@dataclass(frozen=True)
+class Header:
+    step_id: int
+    placement_version: int
+    command: Command
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.step_id, self.placement_version, int(self.command)], dtype=torch.long)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> Header:
+        step_id, version, command = t.tolist()
+        return cls(step_id, version, Command(command))
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Ranks of the world: M attention ranks first, then N expert ranks with S slots each."""
+
+    num_attention: int
+    num_experts_workers: int
+    slots_per_worker: int
+
+    @property
+    def world_size(self) -> int:
+        return self.num_attention + self.num_experts_workers
+
+    def expert_rank(self, worker_idx: int) -> int:
+        return self.num_attention + worker_idx
+
+
+@dataclass
+class RowCounter:
+    """Rows per MoE layer index, for the exactly-once invariant."""
+
+    per_layer: dict[int, int] = field(default_factory=dict)
+
+    def add(self, layer_idx: int, n: int) -> None:
+        self.per_layer[layer_idx] = self.per_layer.get(layer_idx, 0) + n
+
+
+def exchange_header(header: Header | None, device: torch.device) -> Header:
+    """Broadcast from rank 0; every other rank passes None and gets rank 0's header."""
+    t = (
+        header.to_tensor().to(device)
+        if header is not None
+        else torch.zeros(3, dtype=torch.long, device=device)
+    )
+    dist.broadcast(t, src=0)
+    return Header.from_tensor(t.cpu())
+
+
+class PendingRows:
+    """Rows in flight to the experts; `wait()` collects the results in token order [T, H]."""
+
+    def __init__(
+        self,
+        dispatcher: AttentionDispatcher,
+        order: torch.Tensor,
+        splits: list[int],
+        work: dist.Work | None,
+        num_rows: int,
+        like: torch.Tensor,
+    ) -> None:
+        self._d, self._order, self._splits, self._work = dispatcher, order, splits, work
+        self._num_rows, self._like = num_rows, like
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        d = self._d
+        back = self._like.new_empty((self._num_rows, self._like.shape[1]))
+        empty = self._like.new_empty((0, self._like.shape[1]))
+        dist.all_to_all_single(back, empty, output_split_sizes=self._splits, input_split_sizes=d.zero_splits)
+        out = torch.empty_like(back)
+        out[self._order] = back
+        d.returned.add(d.current_layer, self._num_rows)
+        return out
+
+
+class AttentionDispatcher:
+    """The MoE backend of an attention rank: routes rows to expert ranks by the placement map."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        placement: Placement,
+        moe_layers: tuple[int, ...],
+        dp_rank: int,
+        device: torch.device,
+    ) -> None:
+        self.topology = topology
+        self.placement = placement
+        self.moe_index = {layer: i for i, layer in enumerate(moe_layers)}
+        self.dp_rank = dp_rank
+        self.device = device
+        self.step_id = 0
+        self.zero_splits = [0] * topology.world_size
+        self.sent = RowCounter()
+        self.returned = RowCounter()
+        self.current_layer = -1
+
+    def dispatch(self, layer_idx: int, routed_in: torch.Tensor, expert_idx: torch.Tensor) -> PendingRows:
+        """routed_in [T, H] (score-scaled), expert_idx [T] logical experts -> rows in flight."""
+        topo, m = self.topology, self.moe_index[layer_idx]
+        p = self.placement
+        slot = choose_replica(expert_idx, p.log2phy[m], p.logcnt[m], offset=self.step_id + self.dp_rank)
+        # global slot -> (world rank, local slot); attention ranks come first in the world
+        key = (slot // topo.slots_per_worker + topo.num_attention) * topo.slots_per_worker + (
+            slot % topo.slots_per_worker
+        )
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=topo.world_size * topo.slots_per_worker)
+        dist.all_to_all_single(torch.empty_like(counts), counts.to(self.device))
+        splits = counts.view(topo.world_size, topo.slots_per_worker).sum(1).tolist()
+        rows = routed_in[order].contiguous()
+        recv = rows.new_empty((0, rows.shape[1]))
+        work = dist.all_to_all_single(
+            recv, rows, output_split_sizes=self.zero_splits, input_split_sizes=splits, async_op=True
+        )
+        self.sent.add(m, rows.shape[0])
+        self.current_layer = m
+        return PendingRows(self, order, splits, work, rows.shape[0], routed_in)
+
+
+class ExpertServer:
+    """The expert-rank side of one exchange: receive rows, SwiGLU per slot, send them back."""
+
+    def __init__(
+        self, topology: Topology, hidden_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.topology = topology
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.device = device
+        self.computed = RowCounter()
+        self.rows_per_source: dict[int, int] = {}
+
+    def serve(self, moe_idx: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """gate_up [S, H, 2I], down [S, I, H]: this worker's slots of one MoE layer."""
+        topo, s = self.topology, self.topology.slots_per_worker
+        zeros = torch.zeros(topo.world_size * s, dtype=torch.long, device=self.device)
+        counts = torch.empty_like(zeros)
+        dist.all_to_all_single(counts, zeros)
+        per_source = counts.view(topo.world_size, s)
+        splits = per_source.sum(1).tolist()
+        rows = torch.empty((sum(splits), self.hidden_size), dtype=self.dtype, device=self.device)
+        empty = rows.new_empty((0, self.hidden_size))
+        zero_splits = [0] * topo.world_size
+        dist.all_to_all_single(rows, empty, output_split_sizes=splits, input_split_sizes=zero_splits)
+        local_slot = (
+            torch.arange(s, device=self.device)
+            .repeat(topo.world_size)
+            .repeat_interleave(per_source.flatten())
+        )
+        out = grouped_swiglu(rows, local_slot, gate_up, down)
+        dist.all_to_all_single(empty, out, output_split_sizes=zero_splits, input_split_sizes=splits)
+        self.computed.add(moe_idx, rows.shape[0])
+        for src, n in enumerate(splits):
+            self.rows_per_source[src] = self.rows_per_source.get(src, 0) + n
