@@ -112,6 +112,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--address", default=None, help="join an existing Ray cluster (default: start a local one)"
     )
+    p.add_argument("--device", default="cpu", help="cluster workers' device: cpu (gloo) or cuda (NCCL)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -187,16 +188,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     engine_cfg = EngineConfig(dtype=args.dtype)
     if args.attention_workers or args.expert_workers or args.address:
         from cluster.distributed_engine import generate_on_cluster
+        from cluster.topology import ClusterConfig
 
-        results = generate_on_cluster(
-            model,
-            prompts,
-            params,
-            engine_cfg,
-            args.attention_workers or 1,
-            args.expert_workers or 1,
-            args.address,
-        )
+        cluster = ClusterConfig(args.attention_workers or 1, args.expert_workers or 1, device=args.device)
+        results = generate_on_cluster(model, prompts, params, engine_cfg, cluster, args.address)
     else:
         results = LLMEngine.from_checkpoint(model, engine_cfg).generate(prompts, params)
     for i, r in enumerate(results):

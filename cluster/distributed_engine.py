@@ -215,10 +215,8 @@ def generate_on_cluster(
     prompts: list[list[int]],
     params: SamplingParams,
     engine_cfg: EngineConfig,
-    num_attention: int,
-    num_experts: int,
+    cluster: ClusterConfig,
     address: str | None,
 ) -> list[Completion]:
-    cluster = ClusterConfig(num_attention_workers=num_attention, num_expert_workers=num_experts)
     with ClusterEngine(model_dir, cluster, engine_cfg, address) as engine:
         return engine.generate(prompts, params)

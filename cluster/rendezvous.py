@@ -50,6 +50,9 @@ class ProcessGroupMember:
             torch.cuda.set_device(self.device)
         self.rank = -1
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def address(self) -> tuple[str, int]:
         return free_address()
 

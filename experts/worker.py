@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from cluster.checkpoint import CheckpointReader, parse_dtype
 from cluster.rendezvous import ProcessGroupMember
 from experts.slots import LayerSlots, load_slots

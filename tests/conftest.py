@@ -24,3 +24,13 @@ def tiny_scout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session", params=["tiny-maverick", "tiny-scout"])
 def tiny_checkpoint(request: pytest.FixtureRequest) -> Path:
     return request.getfixturevalue(request.param.replace("-", "_"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for every test that needs it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -81,3 +81,33 @@ def test_bad_values_are_named(tiny_maverick):
     for args, message in cases:
         r = llama4_ep("generate", "--model", str(tiny_maverick), *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+
+
+def test_generate_through_the_cluster_equals_single_process(tiny_maverick):
+    args = [
+        "generate",
+        "--model",
+        str(tiny_maverick),
+        "--prompt",
+        "Hello there",
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        "8",
+        "--json",
+    ]
+    single = llama4_ep(*args)
+    cluster = llama4_ep(*args, "--attention-workers", "2", "--expert-workers", "3")
+    assert cluster.returncode == 0, cluster.stderr
+    assert cluster.stdout == single.stdout
+
+
+def test_cluster_arguments_are_checked(tiny_maverick):
+    base = ["generate", "--model", str(tiny_maverick), "--prompt", "x"]
+    for extra, message in [
+        (["--attention-workers", "0"], "--attention-workers"),
+        (["--expert-workers", "200"], "200 expert workers for 128 experts"),
+        (["--expert-workers", "2", "--device", "tpu"], "unknown device 'tpu'"),
+    ]:
+        r = llama4_ep(*base, *extra)
+        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)

@@ -1,0 +1,118 @@
+"""The disaggregated engine on a real local Ray instance with gloo process groups."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from cluster.config import ModelConfig
+from cluster.distributed_engine import ClusterEngine
+from cluster.engine import EngineConfig, LLMEngine
+from cluster.request import SamplingParams
+from cluster.topology import ClusterConfig, plan_topology
+from tests.helpers import random_prompts
+
+ENGINE = EngineConfig(num_kv_blocks=1024, block_size=4, token_budget=40)
+PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
+# lengths cross the 16-token attention chunks; the budget of 40 splits the long ones
+PROMPTS = random_prompts([37, 5, 21, 50, 12], seed=21)
+LATE = random_prompts([18, 9], seed=22)
+
+
+@pytest.fixture(scope="module")
+def references(tiny_maverick, tiny_scout):
+    out = {}
+    for ckpt in (tiny_maverick, tiny_scout):
+        engine = LLMEngine.from_checkpoint(ckpt, ENGINE)
+        out[ckpt] = [c.token_ids for c in engine.generate(PROMPTS + LATE, PARAMS)]
+    return out
+
+
+def run_with_late_arrivals(engine) -> list[list[int]]:
+    """Submit PROMPTS, then LATE ones while the first decode; collect tokens per request."""
+    ids = [engine.add(p, PARAMS) for p in PROMPTS]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    step = 0
+    while engine.has_unfinished or len(ids) < len(PROMPTS) + len(LATE):
+        if step in (4, 7):
+            rid = engine.add(LATE[len(ids) - len(PROMPTS)], PARAMS)
+            ids.append(rid)
+            tokens[rid] = []
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+        step += 1
+    return [tokens[i] for i in ids]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-maverick", "tiny-scout"])
+@pytest.mark.parametrize(("m", "n"), [(1, 1), (1, 4), (2, 3), (2, 8)])
+def test_greedy_tokens_equal_single_process(ray_session, references, preset, m, n, request):
+    ckpt = request.getfixturevalue(preset.replace("-", "_"))
+    with ClusterEngine(ckpt, ClusterConfig(m, n), ENGINE) as engine:
+        got = run_with_late_arrivals(engine)
+        stats = engine.stats()
+    assert got == references[ckpt]
+    assert_rows_exactly_once(stats, m)
+
+
+def assert_rows_exactly_once(stats: dict, num_attention: int) -> None:
+    """Every routed row is computed once and comes back to the rank that sent it."""
+    sent, computed = {}, {}
+    for a in stats["attention"]:
+        assert a["rows_sent_per_layer"] == a["rows_returned_per_layer"]
+        for layer, n in a["rows_sent_per_layer"].items():
+            sent[layer] = sent.get(layer, 0) + n
+    for e in stats["experts"]:
+        for layer, n in e["rows_computed_per_layer"].items():
+            computed[layer] = computed.get(layer, 0) + n
+        assert all(n == 0 for rank, n in e["rows_per_source_rank"].items() if rank >= num_attention)
+    assert sent == computed and all(n > 0 for n in sent.values())
+    per_source = {}
+    for e in stats["experts"]:
+        for rank, n in e["rows_per_source_rank"].items():
+            per_source[rank] = per_source.get(rank, 0) + n
+    for a in stats["attention"]:
+        assert per_source[a["dp_rank"]] == sum(a["rows_sent_per_layer"].values())
+
+
+def test_shutdown_leaves_no_processes(ray_session, tiny_maverick):
+    engine = ClusterEngine(tiny_maverick, ClusterConfig(1, 2), ENGINE)
+    assert engine.generate(PROMPTS[:1], PARAMS)[0].token_ids
+    pids = ray_session.get([w.pid.remote() for w in engine.attention + engine.experts])
+    pg_id = engine._pg.id.hex()
+    engine.shutdown()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+    assert ray_session.util.placement_group_table()[pg_id]["state"] == "REMOVED"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_attention_workers": 0}, "attention workers must be >= 1"),
+        ({"num_expert_workers": 0}, "expert workers must be >= 1"),
+        ({"device": "tpu"}, "unknown device 'tpu'"),
+        ({"placement_strategy": "RANDOM"}, "unknown placement strategy"),
+    ],
+)
+def test_bad_cluster_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ClusterConfig(**kwargs)
+
+
+def test_more_expert_workers_than_experts(tiny_scout):
+    with pytest.raises(ValueError, match="17 expert workers for 16 experts"):
+        plan_topology(ModelConfig.from_file(tiny_scout), ClusterConfig(1, 17))
