@@ -165,6 +165,16 @@ class ClusterEngine:
                     self._owner.pop(out.request_id, None)
         return outputs
 
+    def metrics(self) -> dict:
+        """Gauges summed over attention ranks, as of the last step."""
+        r = self.last_results
+        return {
+            "num_running": sum(x.num_running for x in r),
+            "num_waiting": sum(x.num_waiting for x in r),
+            "kv_blocks_used": sum(x.kv_blocks_used for x in r),
+            "kv_blocks_total": sum(x.kv_blocks_total for x in r),
+        }
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         results = {}
         for p in prompts:

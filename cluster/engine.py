@@ -118,6 +118,17 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
+    def metrics(self) -> dict:
+        """Gauges for /metrics: requests and KV blocks of this rank."""
+        usage = self.kv.usage()
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_blocks_used": usage.blocks_used,
+            "kv_blocks_total": usage.blocks_total,
+            "kv_bytes_used": usage.bytes_used,
+        }
+
     def step(self, run_empty: bool = False) -> list[RequestOutput]:
         """Schedule, run the decoder over the scheduled chunks, sample, update. With `run_empty`
         the decoder runs even with no tokens (a lock-step rank must join every exchange)."""
@@ -226,8 +237,18 @@ class LLMEngine:
         self.core.add_request(Request(request_id, list(prompt_token_ids), params))
         return request_id
 
+    def abort(self, request_id: str) -> None:
+        self.core.abort(request_id)
+
     def step(self) -> list[RequestOutput]:
         return self.core.step()
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.core.has_unfinished
+
+    def metrics(self) -> dict:
+        return self.core.metrics()
 
     def generate(
         self, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
