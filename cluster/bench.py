@@ -61,7 +61,7 @@ def _engine_runner(model: Path, prompts: list[list[int]]) -> Callable[[int], Non
 def _transformers_runner(model: Path, prompts: list[list[int]]) -> Callable[[int], None]:
     from cluster.hf_reference import load_hf_causal_lm
 
-    hf = load_hf_causal_lm(model)
+    hf = load_hf_causal_lm(model, attn="sdpa")  # transformers as users run it
     ids = torch.tensor(prompts)
 
     def run(n: int) -> None:

@@ -124,6 +124,13 @@ def _add_make_checkpoint(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", default=None, help="e.g. 20MB: shard with an index file")
+    p.add_argument(
+        "--expert-skew",
+        type=float,
+        default=0.0,
+        help="Zipf exponent of expert popularity (0: random routers); see router/skew.py",
+    )
+    p.add_argument("--skew-seed", type=int, default=0, help="which experts are hot, per layer")
     p.set_defaults(func=_cmd_make_checkpoint)
 
 
@@ -141,7 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_make_checkpoint(args: argparse.Namespace) -> int:
     from cluster.presets import make_checkpoint
 
-    out = make_checkpoint(args.preset, args.out, seed=args.seed, max_shard_size=args.max_shard_size)
+    if args.expert_skew < 0:
+        raise ValueError(f"--expert-skew must be >= 0, got {args.expert_skew}")
+    out = make_checkpoint(
+        args.preset,
+        args.out,
+        seed=args.seed,
+        max_shard_size=args.max_shard_size,
+        expert_skew=args.expert_skew,
+        skew_seed=args.skew_seed,
+    )
     files = sorted(p.name for p in Path(out).iterdir())
     print(f"wrote {args.preset} (seed {args.seed}) to {out}: {', '.join(files)}")
     return 0

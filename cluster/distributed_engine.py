@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from attention.worker import AttentionWorker, StepInput, StepResult
@@ -42,7 +42,13 @@ class ClusterEngine:
         cluster: ClusterConfig,
         engine_cfg: EngineConfig | None = None,
         address: str | None = None,
+        placement_group: PlacementGroup | None = None,
+        bundle_offset: int = 0,
     ) -> None:
+        """`placement_group`: reserve the workers in an existing group (bundles `bundle_offset`,
+        `bundle_offset + 1`, ...: attention ranks first, then expert workers), e.g. a Ray Serve
+        replica's own group whose bundle 0 holds the replica. The group stays its owner's. Without
+        it the engine makes (and later removes) a group of its own."""
         self.model_dir = str(model_dir)
         self.cluster = cluster
         self.engine_cfg = engine_cfg or EngineConfig()
@@ -51,7 +57,9 @@ class ClusterEngine:
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        self._pg = None
+        self._pg = None  # the group this engine made (and removes)
+        self._given_pg = placement_group
+        self._bundle_offset = bundle_offset
         self._loops: list[ray.ObjectRef] = []
         self.attention: list = []
         self.experts: list = []
@@ -67,15 +75,29 @@ class ClusterEngine:
             self.shutdown()
             raise
 
-    def _start(self) -> None:
+    def _reserve(self) -> tuple[PlacementGroup, int, list[dict[str, float]]]:
+        """The group, the index of the first worker's bundle, and the workers' bundle specs."""
         c = self.cluster
+        if self._given_pg is not None:
+            specs = self._given_pg.bundle_specs[self._bundle_offset :]
+            if self._bundle_offset < 0 or len(specs) < c.num_workers:
+                raise ValueError(
+                    f"{c.num_workers} workers need {c.num_workers} bundles from index "
+                    f"{self._bundle_offset}; the placement group has {len(self._given_pg.bundle_specs)}"
+                )
+            return self._given_pg, self._bundle_offset, specs[: c.num_workers]
         resources = ray.cluster_resources()
         specs = bundles(c, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
         self._pg = placement_group(specs, strategy=c.placement_strategy)
         ray.get(self._pg.ready(), timeout=120)
+        return self._pg, 0, specs
+
+    def _start(self) -> None:
+        c = self.cluster
+        pg, offset, specs = self._reserve()
 
         def options(i: int) -> dict:
-            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)
+            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=offset + i)
             return {
                 "scheduling_strategy": strategy,
                 "num_cpus": specs[i].get("CPU", 0),

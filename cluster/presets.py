@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from cluster.config import ModelConfig
+from router.skew import skew_router
 
 _COMMON: dict[str, Any] = {
     "model_type": "llama4_text",
@@ -94,9 +95,12 @@ def preset_config(name: str) -> dict[str, Any]:
     return json.loads(json.dumps(PRESETS[name]))
 
 
-def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+def random_weights(
+    cfg: ModelConfig, seed: int, expert_skew: float = 0.0, skew_seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Canonical-name tensors (no prefix). Scales keep activations O(1) and logits spread, so
-    greedy decoding is not decided by rounding noise."""
+    greedy decoding is not decided by rounding noise. `expert_skew` > 0 rescales router rows so
+    expert popularity is roughly Zipf(expert_skew); `skew_seed` picks the hot experts per layer."""
     g = torch.Generator().manual_seed(seed)
     h, d, e, i = cfg.hidden_size, cfg.head_dim, cfg.num_local_experts, cfg.intermediate_size
 
@@ -123,13 +127,22 @@ def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
         )
         if cfg.is_moe(layer):
             f = p + "feed_forward."
-            w[f + "router.weight"] = lin(e, h, fan_in=h, gain=3.0)
+            w[f + "router.weight"] = _router(lin(e, h, fan_in=h, gain=3.0), expert_skew, skew_seed, layer)
             w[f + "experts.gate_up_proj"] = lin(e, h, 2 * i, fan_in=h)
             w[f + "experts.down_proj"] = lin(e, i, h, fan_in=i)
             _mlp(w, f + "shared_expert.", h, i, lin)
         else:
             _mlp(w, p + "feed_forward.", h, cfg.intermediate_size_mlp, lin)
     return w
+
+
+def _router(router: torch.Tensor, exponent: float, skew_seed: int, layer: int) -> torch.Tensor:
+    if exponent == 0:
+        return router
+    ranking = torch.randperm(
+        router.shape[0], generator=torch.Generator().manual_seed(skew_seed * 1009 + layer)
+    )
+    return skew_router(router, exponent, ranking, seed=layer)
 
 
 def _mlp(w: dict[str, torch.Tensor], prefix: str, h: int, width: int, lin: Any) -> None:
@@ -203,8 +216,15 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict
     return shards
 
 
-def make_checkpoint(preset: str, out: str | Path, seed: int = 0, max_shard_size: str | None = None) -> Path:
+def make_checkpoint(
+    preset: str,
+    out: str | Path,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    expert_skew: float = 0.0,
+    skew_seed: int = 0,
+) -> Path:
     text = preset_config(preset)
     cfg = ModelConfig.from_dict(text)
-    weights = random_weights(cfg, seed)
+    weights = random_weights(cfg, seed, expert_skew, skew_seed)
     return write_checkpoint(out, text, weights, parse_size(max_shard_size) if max_shard_size else None)

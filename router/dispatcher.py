@@ -133,16 +133,13 @@ class AttentionDispatcher:
         self.sent = RowCounter()
         self.returned = RowCounter()
         self.current_layer = -1
+        self._forced_for: Placement | None = None
+        self._forced: list[torch.Tensor | None] = []
 
     def dispatch(self, layer_idx: int, routed_in: torch.Tensor, expert_idx: torch.Tensor) -> PendingRows:
         """routed_in [T, H] (score-scaled), expert_idx [T] logical experts -> rows in flight."""
         topo, m = self.topology, self.moe_index[layer_idx]
-        p = self.placement
-        slot = choose_replica(expert_idx, p.log2phy[m], p.logcnt[m], offset=self.step_id + self.dp_rank)
-        # global slot -> (world rank, local slot); attention ranks come first in the world
-        key = (slot // topo.slots_per_worker + topo.num_attention) * topo.slots_per_worker + (
-            slot % topo.slots_per_worker
-        )
+        key = self._destinations(m, expert_idx)
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=topo.world_size * topo.slots_per_worker)
         dist.all_to_all_single(torch.empty_like(counts), counts.to(self.device))
@@ -155,6 +152,22 @@ class AttentionDispatcher:
         self.sent.add(m, rows.shape[0])
         self.current_layer = m
         return PendingRows(self, order, splits, work, rows.shape[0], routed_in)
+
+    def _destinations(self, moe_idx: int, expert_idx: torch.Tensor) -> torch.Tensor:
+        """Each token's (world rank, local slot) as one key, rank * S + slot, int64 [T]. Global slot
+        g lives on expert rank M + g // S, so its key is M * S + g."""
+        p = self.placement
+        first_key = self.topology.num_attention * self.topology.slots_per_worker
+        if p is not self._forced_for:  # once per placement map
+            # where every expert of a layer has one replica there is nothing to choose: one lookup
+            single = (p.logcnt == 1).all(dim=1).tolist()
+            self._forced = [p.log2phy[i, :, 0] + first_key if one else None for i, one in enumerate(single)]
+            self._forced_for = p
+        forced = self._forced[moe_idx]
+        if forced is not None:
+            return forced[expert_idx]
+        slot = choose_replica(expert_idx, p.log2phy[moe_idx], p.logcnt[moe_idx], self.step_id + self.dp_rank)
+        return slot + first_key
 
 
 class ExpertServer:
@@ -169,26 +182,34 @@ class ExpertServer:
         self.device = device
         self.computed = RowCounter()
         self.rows_per_source: dict[int, int] = {}
+        num_keys = topology.world_size * topology.slots_per_worker
+        self._zeros = torch.zeros(num_keys, dtype=torch.long, device=device)  # what expert ranks send
+        self._slot_of_key = torch.arange(num_keys, device=device) % topology.slots_per_worker
 
     def serve(self, moe_idx: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         """gate_up [S, H, 2I], down [S, I, H]: this worker's slots of one MoE layer."""
-        topo, s = self.topology, self.topology.slots_per_worker
-        zeros = torch.zeros(topo.world_size * s, dtype=torch.long, device=self.device)
-        counts = torch.empty_like(zeros)
-        dist.all_to_all_single(counts, zeros)
-        per_source = counts.view(topo.world_size, s)
-        splits = per_source.sum(1).tolist()
+        rows, local_slot, splits = self.receive()
+        self.send_back(moe_idx, grouped_swiglu(rows, local_slot, gate_up, down), splits)
+
+    def receive(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The counts, then the rows of one exchange: rows [n, H], their local slot int64 [n], and
+        the rows per source rank (which `send_back` needs)."""
+        topo = self.topology
+        counts = torch.empty_like(self._zeros)
+        dist.all_to_all_single(counts, self._zeros)
+        splits = counts.view(topo.world_size, topo.slots_per_worker).sum(1).tolist()
         rows = torch.empty((sum(splits), self.hidden_size), dtype=self.dtype, device=self.device)
         empty = rows.new_empty((0, self.hidden_size))
         zero_splits = [0] * topo.world_size
         dist.all_to_all_single(rows, empty, output_split_sizes=splits, input_split_sizes=zero_splits)
-        local_slot = (
-            torch.arange(s, device=self.device)
-            .repeat(topo.world_size)
-            .repeat_interleave(per_source.flatten())
-        )
-        out = grouped_swiglu(rows, local_slot, gate_up, down)
+        local_slot = torch.repeat_interleave(self._slot_of_key, counts, output_size=rows.shape[0])
+        return rows, local_slot, splits
+
+    def send_back(self, moe_idx: int, out: torch.Tensor, splits: list[int]) -> None:
+        """Results [n, H], in the order `receive` gave the rows, back to their source ranks."""
+        empty = out.new_empty((0, self.hidden_size))
+        zero_splits = [0] * self.topology.world_size
         dist.all_to_all_single(empty, out, output_split_sizes=zero_splits, input_split_sizes=splits)
-        self.computed.add(moe_idx, rows.shape[0])
+        self.computed.add(moe_idx, out.shape[0])
         for src, n in enumerate(splits):
             self.rows_per_source[src] = self.rows_per_source.get(src, 0) + n

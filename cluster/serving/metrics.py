@@ -1,0 +1,131 @@
+"""Prometheus metrics of the serving path, rendered by the ingress at `GET /metrics`.
+
+Latencies are measured where the client sees them (the ingress): time to first token from the
+request's arrival, inter-token latency between successive token deltas. Engine gauges (running
+and waiting requests, KV blocks, tokens per expert worker) come from every engine replica at
+scrape time and carry a `replica` label. Each ingress replica keeps its own registry; with more
+than one ingress replica, scrape each (or sum them) as with any multi-process exporter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+PREFIX = "llama4_ep"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+
+
+class EngineCollector:
+    """Gauges from the engine replicas' latest snapshots (`EngineServer.metrics()` dicts)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.snapshots: list[dict[str, Any]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model_name", "replica"]
+        families = {
+            "alive": GaugeMetricFamily(f"{PREFIX}_engine_alive", "1 if the replica's engine loop runs", labels=labels),
+            "num_running": GaugeMetricFamily(
+                f"{PREFIX}_num_requests_running", "Requests in the running batch", labels=labels
+            ),
+            "num_waiting": GaugeMetricFamily(
+                f"{PREFIX}_num_requests_waiting", "Requests waiting to be scheduled", labels=labels
+            ),
+            "kv_blocks_used": GaugeMetricFamily(f"{PREFIX}_kv_blocks_used", "KV cache blocks in use", labels=labels),
+            "kv_blocks_total": GaugeMetricFamily(f"{PREFIX}_kv_blocks_total", "KV cache blocks in all", labels=labels),
+        }
+        usage = GaugeMetricFamily(
+            f"{PREFIX}_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1)", labels=labels
+        )
+        expert = CounterMetricFamily(
+            f"{PREFIX}_expert_worker_tokens",
+            "Tokens each expert worker computed, counted once per MoE layer (top-1: one row per token "
+            "per MoE layer); refreshed at most every few seconds",
+            labels=[*labels, "expert_worker"],
+        )
+        for snap in self.snapshots:
+            values = [self.model_name, str(snap["replica"])]
+            for key, family in families.items():
+                family.add_metric(values, float(snap[key]))
+            usage.add_metric(values, snap["kv_blocks_used"] / max(snap["kv_blocks_total"], 1))
+            for worker_idx, tokens in enumerate(snap["expert_worker_tokens"]):
+                expert.add_metric([*values, str(worker_idx)], float(tokens))
+        yield from families.values()
+        yield usage
+        yield expert
+
+
+class ServingMetrics:
+    """Request counters and latency histograms, plus the engine gauges, in one registry."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        r, model = self.registry, ["model_name"]
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Requests answered, by endpoint and status", [*model, "endpoint", "status"], registry=r
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds", "Arrival to first token", model, buckets=TTFT_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds", "Time between token deltas", model, buckets=ITL_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds", "Arrival to last token", model, buckets=E2E_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of admitted requests", model, registry=r)
+        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", model, registry=r)
+        self.engine = EngineCollector(model_name)
+        self.registry.register(self.engine)
+
+    def request(self, endpoint: str) -> RequestTimer:
+        return RequestTimer(self, endpoint)
+
+    def render(self, snapshots: Sequence[dict[str, Any]]) -> bytes:
+        self.engine.snapshots = list(snapshots)
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """The latencies of one request, recorded as its token deltas arrive."""
+
+    def __init__(self, metrics: ServingMetrics, endpoint: str) -> None:
+        self.m = metrics
+        self.endpoint = endpoint
+        self.start = time.perf_counter()
+        self.last: float | None = None
+        self.done = False
+
+    def admitted(self, num_prompt_tokens: int) -> None:
+        self.m.prompt_tokens.labels(self.m.model_name).inc(num_prompt_tokens)
+
+    def tokens(self, token_ids: Iterable[int]) -> None:
+        n = len(list(token_ids))
+        if not n:
+            return
+        now = time.perf_counter()
+        if self.last is None:
+            self.m.ttft.labels(self.m.model_name).observe(now - self.start)
+        else:
+            self.m.itl.labels(self.m.model_name).observe(now - self.last)
+        self.last = now
+        self.m.generation_tokens.labels(self.m.model_name).inc(n)
+
+    def finish(self, status: int | str) -> None:
+        """Count the request once, with its HTTP status (or gRPC code name)."""
+        if self.done:
+            return
+        self.done = True
+        self.m.requests.labels(self.m.model_name, self.endpoint, str(status)).inc()
+        if self.last is not None:
+            self.m.e2e.labels(self.m.model_name).observe(self.last - self.start)
