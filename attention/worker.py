@@ -25,6 +25,7 @@ class StepInput:
     step_id: int
     new_requests: tuple[Request, ...] = ()
     aborts: tuple[str, ...] = ()
+    placement: Placement | None = None  # a new map, used from this step on
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class StepResult:
     num_waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    expert_load: list | None = None  # [L][E] tokens per logical expert this step
+    slot_load: list | None = None  # [L][W*S] tokens per physical slot this step
     extra: dict = field(default_factory=dict)
 
 
@@ -62,29 +65,37 @@ class AttentionWorker(ProcessGroupMember):
     def step(self, step: StepInput) -> StepResult:
         """One lock-step across the world: every attention rank runs the layers, with or without
         tokens, so every exchange has all its members."""
+        rejected = self._admit(step)
+        if step.placement is not None:
+            self.dispatcher.placement = step.placement  # between steps: a step uses one version
+        header = Header(step.step_id, self.dispatcher.placement.version, Command.STEP)
+        exchange_header(header if self.dp_rank == 0 else None, self.device)
+        self.dispatcher.step_id = step.step_id
+        outputs = self.core.step(run_empty=True)
+        usage, sched = self.core.kv.usage(), self.core.scheduler
+        expert_load, slot_load = self.dispatcher.take_load()
+        return StepResult(
+            self.dp_rank,
+            tuple(outputs),
+            tuple(rejected),
+            sched.num_running,
+            sched.num_waiting,
+            usage.blocks_used,
+            usage.blocks_total,
+            expert_load.tolist(),
+            slot_load.tolist(),
+        )
+
+    def _admit(self, step: StepInput) -> list[tuple[str, str]]:
         rejected = []
-        for rid in step.aborts:
-            self.core.abort(rid)
+        for request_id in step.aborts:
+            self.core.abort(request_id)
         for request in step.new_requests:
             try:
                 self.core.add_request(request)
             except ValueError as e:
                 rejected.append((request.request_id, str(e)))
-        header = Header(step.step_id, self.dispatcher.placement.version, Command.STEP)
-        exchange_header(header if self.dp_rank == 0 else None, self.device)
-        self.dispatcher.step_id = step.step_id
-        outputs = self.core.step(run_empty=True)
-        usage = self.core.kv.usage()
-        s = self.core.scheduler
-        return StepResult(
-            self.dp_rank,
-            tuple(outputs),
-            tuple(rejected),
-            s.num_running,
-            s.num_waiting,
-            usage.blocks_used,
-            usage.blocks_total,
-        )
+        return rejected
 
     def stop_experts(self) -> None:
         """Every attention rank joins the STOP broadcast; rank 0's header ends the expert loops."""

@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from attention.worker import AttentionWorker, StepInput, StepResult
 from cluster.config import ModelConfig
 from cluster.engine import Completion, EngineConfig, RequestOutput
+from cluster.rebalancing import Rebalancer
 from cluster.request import FinishReason, Request, SamplingParams
 from cluster.topology import ClusterConfig, bundles, plan_topology
 from experts.worker import ExpertWorker
@@ -69,6 +70,7 @@ class ClusterEngine:
         self._aborts: list[list[str]] = [[] for _ in range(cluster.num_attention_workers)]
         self._owner: dict[str, int] = {}
         self.last_results: list[StepResult] = []
+        self.rebalancer: Rebalancer | None = None
         try:
             self._start()
         except BaseException:
@@ -123,6 +125,8 @@ class ClusterEngine:
         master = ray.get(self.attention[0].address.remote())
         ray.get([w.join.remote(master, self.topology.world_size) for w in workers])
         self._loops = [e.run_loop.remote() for e in self.experts]
+        if c.rebalance is not None:
+            self.rebalancer = Rebalancer(self.placement, c.rebalance, self.experts)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -168,13 +172,20 @@ class ClusterEngine:
         if not self._owner and not any(self._aborts):
             return []
         step_id = next(self._step_ids)
+        placement = self.rebalancer.before_step() if self.rebalancer else None
+        if placement is not None:
+            self.placement = placement
         inputs = [
-            StepInput(step_id, tuple(self._pending[r]), tuple(self._aborts[r]))
+            StepInput(step_id, tuple(self._pending[r]), tuple(self._aborts[r]), placement)
             for r in range(len(self.attention))
         ]
         self._pending = [[] for _ in self.attention]
         self._aborts = [[] for _ in self.attention]
-        self.last_results = ray.get([w.step.remote(i) for w, i in zip(self.attention, inputs, strict=True)])
+        self.last_results = self._gather(
+            [w.step.remote(i) for w, i in zip(self.attention, inputs, strict=True)]
+        )
+        if self.rebalancer is not None:
+            self.rebalancer.after_step(step_id, self.last_results)
         outputs = []
         for result in self.last_results:
             for request_id, reason in result.rejected:
@@ -196,6 +207,18 @@ class ClusterEngine:
             "kv_blocks_used": sum(x.kv_blocks_used for x in r),
             "kv_blocks_total": sum(x.kv_blocks_total for x in r),
         }
+
+    def _gather(self, refs: list[ray.ObjectRef]) -> list:
+        """The step's results; if an expert loop ends meanwhile (a dead worker), raise instead of
+        waiting forever on a collective that can no longer complete."""
+        while True:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+            if len(ready) == len(refs):
+                return ray.get(refs)
+            ended, _ = ray.wait(self._loops, timeout=0)
+            if ended:
+                ray.get(ended)  # raises the worker's error, if it died
+                raise RuntimeError("an expert worker left its step loop; the cluster cannot step")
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         results = {}
@@ -221,8 +244,8 @@ class ClusterEngine:
         """Stop the expert loops, kill every actor, free the placement group (and Ray, if we started it)."""
         try:
             if self._loops:
-                ray.get([w.stop_experts.remote() for w in self.attention], timeout=60)
-                ray.get(self._loops, timeout=60)
+                ray.get([w.stop_experts.remote() for w in self.attention], timeout=20)
+                ray.get(self._loops, timeout=20)
         except Exception as e:  # a dead worker must not keep the rest alive
             log.warning("clean stop failed (%s); killing the workers", e)
         self._loops = []

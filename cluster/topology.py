@@ -9,6 +9,7 @@ from cluster.config import ModelConfig
 from cluster.rendezvous import DEVICES
 from router.dispatcher import Topology
 from router.placement import Placement, static_placement
+from router.service import RebalanceConfig
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -21,6 +22,7 @@ class ClusterConfig:
     device: str = "cpu"
     placement_strategy: str = "PACK"
     cpus_per_worker: float | None = None  # None: share the node's CPUs among the workers
+    rebalance: RebalanceConfig | None = None  # None: the static placement, never rearranged
 
     def __post_init__(self) -> None:
         if self.num_attention_workers < 1:

@@ -13,11 +13,15 @@ from experts.swiglu import grouped_swiglu
 
 @dataclass
 class LayerSlots:
-    """One MoE layer's slots. gate_up [S, H, 2I], down [S, I, H]; slot_to_expert [S] logical ids."""
+    """One MoE layer's slots: per slot s, gate_up[s] [H, 2I] and down[s] [I, H] hold logical expert
+    slot_to_expert[s]. Separate tensors per slot, so replacing a slot is a pointer swap."""
 
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: list[torch.Tensor]
+    down: list[torch.Tensor]
     slot_to_expert: list[int]
+
+    def replace(self, slot: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        self.gate_up[slot], self.down[slot], self.slot_to_expert[slot] = gate_up, down, expert
 
 
 def load_slots(
@@ -27,7 +31,10 @@ def load_slots(
     out = {}
     for layer_idx, expert_ids in experts_per_layer.items():
         w = reader.expert_rows(layer_idx, list(expert_ids), dtype)
-        out[layer_idx] = LayerSlots(w.gate_up, w.down, list(expert_ids))
+        # clone per slot: a retired slot's memory is then freed on its own
+        out[layer_idx] = LayerSlots(
+            [t.clone() for t in w.gate_up], [t.clone() for t in w.down], list(expert_ids)
+        )
     return out
 
 

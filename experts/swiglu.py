@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -13,11 +15,15 @@ def expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) ->
 
 
 def grouped_swiglu(
-    x: torch.Tensor, slot_idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    x: torch.Tensor,
+    slot_idx: torch.Tensor,
+    gate_up: torch.Tensor | Sequence[torch.Tensor],
+    down: torch.Tensor | Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """Sparse expert compute: row t goes through slot slot_idx[t] only.
 
-    x [T, H], slot_idx [T] int64 in [0, S), gate_up [S, H, 2I], down [S, I, H] -> [T, H].
+    x [T, H], slot_idx [T] int64 in [0, S), gate_up [S, H, 2I], down [S, I, H] (stacked, or a
+    sequence of S per-slot tensors) -> [T, H].
     Rows are grouped by slot so each slot runs one matmul over just its rows; slots with no
     rows do no work.
     """

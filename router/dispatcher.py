@@ -135,11 +135,25 @@ class AttentionDispatcher:
         self.current_layer = -1
         self._forced_for: Placement | None = None
         self._forced: list[torch.Tensor | None] = []
+        self.reset_load()
+
+    def reset_load(self) -> None:
+        """Start a new window of load counts (tokens per logical expert and per physical slot)."""
+        p = self.placement
+        self.expert_load = torch.zeros((p.num_layers, p.num_experts), dtype=torch.long)
+        self.slot_load = torch.zeros((p.num_layers, p.num_slots), dtype=torch.long)
+
+    def take_load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Counts since the last call: expert_load [L, E] and slot_load [L, W*S] (int64)."""
+        load = (self.expert_load, self.slot_load)
+        self.reset_load()
+        return load
 
     def dispatch(self, layer_idx: int, routed_in: torch.Tensor, expert_idx: torch.Tensor) -> PendingRows:
         """routed_in [T, H] (score-scaled), expert_idx [T] logical experts -> rows in flight."""
         topo, m = self.topology, self.moe_index[layer_idx]
         key = self._destinations(m, expert_idx)
+        self._count_load(m, expert_idx, key)
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=topo.world_size * topo.slots_per_worker)
         dist.all_to_all_single(torch.empty_like(counts), counts.to(self.device))
@@ -152,6 +166,11 @@ class AttentionDispatcher:
         self.sent.add(m, rows.shape[0])
         self.current_layer = m
         return PendingRows(self, order, splits, work, rows.shape[0], routed_in)
+
+    def _count_load(self, moe_idx: int, expert_idx: torch.Tensor, key: torch.Tensor) -> None:
+        p, first_key = self.placement, self.topology.num_attention * self.topology.slots_per_worker
+        self.expert_load[moe_idx] += torch.bincount(expert_idx.cpu(), minlength=p.num_experts)
+        self.slot_load[moe_idx] += torch.bincount((key - first_key).cpu(), minlength=p.num_slots)
 
     def _destinations(self, moe_idx: int, expert_idx: torch.Tensor) -> torch.Tensor:
         """Each token's (world rank, local slot) as one key, rank * S + slot, int64 [T]. Global slot

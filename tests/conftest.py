@@ -34,3 +34,11 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def skewed_maverick(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-maverick with Zipf(1.2) expert popularity: what replication is for."""
+    return make_checkpoint(
+        "tiny-maverick", tmp_path_factory.mktemp("ckpt") / "skewed", seed=0, expert_skew=1.2, skew_seed=3
+    )

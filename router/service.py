@@ -1,0 +1,139 @@
+"""The router service: load statistics over a sliding window, and when to re-plan the placement.
+
+The attention workers count tokens per logical expert and per physical slot each step; the
+engine forwards those counts here in batches (no collective, no Ray call per step). On an
+interval, or sooner when the measured imbalance crosses a threshold, the service runs the
+placement policy (`router.placement.rebalance`) and hands out a new versioned map.
+This module is plain Python; the engine runs it as a Ray actor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from router.placement import Placement, rebalance
+
+
+@dataclass(frozen=True)
+class RebalanceConfig:
+    enabled: bool = True
+    window_steps: int = 64  # steps of load the policy sees
+    interval_steps: int = 32  # re-plan at most this often
+    imbalance_threshold: float = 0.25  # re-plan early when (max - mean) / mean exceeds this
+    min_gain: float = 0.05  # keep a layer's map unless the busiest worker gets this much lighter
+    report_every: int = 8  # steps between the engine's load reports
+
+    def __post_init__(self) -> None:
+        for name in ("window_steps", "interval_steps", "report_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rebalance {name} must be >= 1, got {getattr(self, name)}")
+        if self.imbalance_threshold < 0 or self.min_gain < 0:
+            raise ValueError("rebalance imbalance_threshold and min_gain must be >= 0")
+
+
+class LoadWindow:
+    """Sums of the last `window_steps` steps of expert_load [L, E] and slot_load [L, P]."""
+
+    def __init__(self, window_steps: int) -> None:
+        self._steps: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=window_steps)
+
+    def add(self, expert_load: torch.Tensor, slot_load: torch.Tensor) -> None:
+        self._steps.append((expert_load, slot_load))
+
+    def clear_slots(self) -> None:
+        """Slot counts describe one placement; after a switch only new steps count."""
+        self._steps = deque(((e, torch.zeros_like(s)) for e, s in self._steps), maxlen=self._steps.maxlen)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self._steps)
+
+    def expert_load(self) -> torch.Tensor:
+        return torch.stack([e for e, _ in self._steps]).sum(0)
+
+    def slot_load(self) -> torch.Tensor:
+        return torch.stack([s for _, s in self._steps]).sum(0)
+
+
+def measured_worker_load(slot_load: torch.Tensor, slots_per_worker: int) -> torch.Tensor:
+    """slot_load [L, W*S] -> tokens per expert worker [L, W]."""
+    return slot_load.view(slot_load.shape[0], -1, slots_per_worker).sum(-1)
+
+
+def balance_figures(worker_load: torch.Tensor) -> dict:
+    """Balancedness mean/max per layer and overall (sum of means / sum of maxes: the step's pace
+    is set by each layer's busiest worker), and imbalance (max - mean) / mean."""
+    w = worker_load.double()
+    mean, peak = w.mean(-1), w.amax(-1)
+    per_layer = torch.where(peak > 0, mean / peak.clamp_min(1e-9), torch.ones_like(mean))
+    overall = float(mean.sum() / peak.sum()) if float(peak.sum()) > 0 else 1.0
+    return {
+        "balancedness_per_layer": per_layer.tolist(),
+        "balancedness": overall,
+        "imbalance": (1.0 / overall - 1.0) if overall > 0 else 0.0,
+    }
+
+
+class RouterService:
+    def __init__(self, placement: Placement, cfg: RebalanceConfig) -> None:
+        self.placement = placement
+        self.cfg = cfg
+        self.window = LoadWindow(cfg.window_steps)
+        self.last_plan_step = 0
+        self.rearrangements = 0
+        self.rearrangement_seconds: list[float] = []
+        self._planned_at: float | None = None
+
+    def record(self, expert_loads: list, slot_loads: list) -> None:
+        """Batches of per-step counts: lists of [L][E] and [L][W*S]."""
+        for e, s in zip(expert_loads, slot_loads, strict=True):
+            self.window.add(torch.tensor(e, dtype=torch.long), torch.tensor(s, dtype=torch.long))
+
+    def maybe_replan(self, step_id: int) -> Placement | None:
+        """A new placement when one is due and it changes something, else None."""
+        if not self.cfg.enabled or self.window.num_steps == 0:
+            return None
+        due = step_id - self.last_plan_step >= self.cfg.interval_steps
+        measured = balance_figures(
+            measured_worker_load(self.window.slot_load(), self.placement.slots_per_worker)
+        )
+        if not due and measured["imbalance"] <= self.cfg.imbalance_threshold:
+            return None
+        self.last_plan_step = step_id
+        new = rebalance(
+            self.window.expert_load().double(),
+            self.placement.num_workers,
+            self.placement.slots_per_worker,
+            previous=self.placement,
+            min_gain=self.cfg.min_gain,
+        )
+        if new is self.placement:
+            return None
+        self._planned_at = time.perf_counter()
+        return new
+
+    def commit(self, placement: Placement) -> float:
+        """The engine switched to `placement`; returns seconds from plan to switch."""
+        seconds = time.perf_counter() - self._planned_at if self._planned_at is not None else 0.0
+        self.placement = placement
+        self.rearrangements += 1
+        self.rearrangement_seconds.append(seconds)
+        self.window.clear_slots()
+        return seconds
+
+    def metrics(self) -> dict:
+        p = self.placement
+        figures = {
+            "placement_version": p.version,
+            "rearrangements": self.rearrangements,
+            "rearrangement_seconds": list(self.rearrangement_seconds),
+            "replicas_per_expert": p.logcnt.tolist(),
+            "window_steps": self.window.num_steps,
+        }
+        if self.window.num_steps:
+            figures.update(balance_figures(measured_worker_load(self.window.slot_load(), p.slots_per_worker)))
+        return figures
