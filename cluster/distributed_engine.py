@@ -125,8 +125,7 @@ class ClusterEngine:
         master = ray.get(self.attention[0].address.remote())
         ray.get([w.join.remote(master, self.topology.world_size) for w in workers])
         self._loops = [e.run_loop.remote() for e in self.experts]
-        if c.rebalance is not None:
-            self.rebalancer = Rebalancer(self.placement, c.rebalance, self.experts)
+        self.rebalancer = Rebalancer(self.placement, c.rebalance, self.experts)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -201,12 +200,16 @@ class ClusterEngine:
     def metrics(self) -> dict:
         """Gauges summed over attention ranks, as of the last step."""
         r = self.last_results
-        return {
+        figures = {
             "num_running": sum(x.num_running for x in r),
             "num_waiting": sum(x.num_waiting for x in r),
             "kv_blocks_used": sum(x.kv_blocks_used for x in r),
             "kv_blocks_total": sum(x.kv_blocks_total for x in r),
         }
+        if self.rebalancer is not None:
+            figures["tokens_per_expert_worker"] = self.rebalancer.tokens_per_worker.tolist()
+            figures["balancing"] = self.rebalancer.latest_metrics
+        return figures
 
     def _gather(self, refs: list[ray.ObjectRef]) -> list:
         """The step's results; if an expert loop ends meanwhile (a dead worker), raise instead of
@@ -232,6 +235,11 @@ class ClusterEngine:
                     results[out.request_id].finish_reason = out.finish_reason
         return list(results.values())
 
+    def load_routers(self, model_dir: str | Path) -> None:
+        """Every attention rank swaps in another checkpoint's router weights between two steps
+        (experiments: move the hot experts mid-run). Expert weights stay as they are."""
+        ray.get([w.load_routers.remote(str(model_dir)) for w in self.attention])
+
     # -- inspection and shutdown -----------------------------------------------------------
 
     def stats(self) -> dict:
@@ -251,6 +259,9 @@ class ClusterEngine:
         self._loops = []
         for actor in self.attention + self.experts:
             ray.kill(actor)
+        if self.rebalancer is not None:
+            ray.kill(self.rebalancer.service)
+            self.rebalancer = None
         self.attention, self.experts = [], []
         if self._pg is not None:
             remove_placement_group(self._pg)

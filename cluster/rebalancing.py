@@ -39,19 +39,35 @@ class Rebalancer:
         self._slot_loads: list = []
         self._plan_ref: ray.ObjectRef | None = None
         self._staging: tuple[Placement, list[ray.ObjectRef]] | None = None
+        self._metrics_ref: ray.ObjectRef | None = None
         self.stage_seconds: list[float] = []
+        self.latest_metrics: dict = {}
+        self.tokens_per_worker = torch.zeros(placement.num_workers, dtype=torch.long)
 
     def after_step(self, step_id: int, results: list) -> None:
         """Sum the ranks' counts; report and ask for a plan every `report_every` steps."""
         loads = [r for r in results if r.expert_load is not None]
         if loads:
+            slot_load = torch.tensor([r.slot_load for r in loads]).sum(0)
             self._expert_loads.append(torch.tensor([r.expert_load for r in loads]).sum(0).tolist())
-            self._slot_loads.append(torch.tensor([r.slot_load for r in loads]).sum(0).tolist())
+            self._slot_loads.append(slot_load.tolist())
+            s = self.placement.slots_per_worker
+            self.tokens_per_worker += slot_load.view(slot_load.shape[0], -1, s).sum((0, 2))
         if len(self._expert_loads) >= self.cfg.report_every:
             self.service.record.remote(self._expert_loads, self._slot_loads)
             self._expert_loads, self._slot_loads = [], []
             if self.cfg.enabled and self._plan_ref is None and self._staging is None:
                 self._plan_ref = self.service.maybe_replan.remote(step_id)
+            self._refresh_metrics()
+
+    def _refresh_metrics(self) -> None:
+        """Keep `latest_metrics` fresh without ever waiting on the service."""
+        if self._metrics_ref is not None:
+            ready, _ = ray.wait([self._metrics_ref], timeout=0)
+            if not ready:
+                return
+            self.latest_metrics = ray.get(self._metrics_ref)
+        self._metrics_ref = self.service.metrics.remote()
 
     def before_step(self) -> Placement | None:
         """The map to switch to at this step, if staging has finished; otherwise None."""

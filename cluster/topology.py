@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.config import ModelConfig
 from cluster.rendezvous import DEVICES
@@ -22,7 +22,8 @@ class ClusterConfig:
     device: str = "cpu"
     placement_strategy: str = "PACK"
     cpus_per_worker: float | None = None  # None: share the node's CPUs among the workers
-    rebalance: RebalanceConfig | None = None  # None: the static placement, never rearranged
+    # load statistics are always collected; enabled=False keeps the static placement
+    rebalance: RebalanceConfig = field(default_factory=lambda: RebalanceConfig(enabled=False))
 
     def __post_init__(self) -> None:
         if self.num_attention_workers < 1:
