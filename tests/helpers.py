@@ -40,3 +40,30 @@ def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int) -> tuple[
         )
     gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
     return out.sequences[0, len(prompt) :].tolist(), min(gaps)
+
+
+def run_with_late_arrivals(
+    engine,
+    prompts: list[list[int]],
+    late: list[list[int]],
+    params,
+    arrival_steps: tuple[int, ...],
+    on_step=None,
+) -> list[list[int]]:
+    """Submit `prompts`, then each of `late` at the given steps while the first ones decode;
+    return the generated tokens per request, in submission order. `on_step(engine)` runs after
+    every step."""
+    ids = [engine.add(p, params) for p in prompts]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    step = 0
+    while engine.has_unfinished or len(ids) < len(prompts) + len(late):
+        if step in arrival_steps:
+            rid = engine.add(late[len(ids) - len(prompts)], params)
+            ids.append(rid)
+            tokens[rid] = []
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+        if on_step is not None:
+            on_step(engine)
+        step += 1
+    return [tokens[i] for i in ids]

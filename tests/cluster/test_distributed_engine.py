@@ -12,7 +12,7 @@ from cluster.distributed_engine import ClusterEngine
 from cluster.engine import EngineConfig, LLMEngine
 from cluster.request import SamplingParams
 from cluster.topology import ClusterConfig, plan_topology
-from tests.helpers import random_prompts
+from tests.helpers import random_prompts, run_with_late_arrivals
 
 ENGINE = EngineConfig(num_kv_blocks=1024, block_size=4, token_budget=40)
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -30,29 +30,13 @@ def references(tiny_maverick, tiny_scout):
     return out
 
 
-def run_with_late_arrivals(engine) -> list[list[int]]:
-    """Submit PROMPTS, then LATE ones while the first decode; collect tokens per request."""
-    ids = [engine.add(p, PARAMS) for p in PROMPTS]
-    tokens: dict[str, list[int]] = {i: [] for i in ids}
-    step = 0
-    while engine.has_unfinished or len(ids) < len(PROMPTS) + len(LATE):
-        if step in (4, 7):
-            rid = engine.add(LATE[len(ids) - len(PROMPTS)], PARAMS)
-            ids.append(rid)
-            tokens[rid] = []
-        for out in engine.step():
-            tokens[out.request_id].extend(out.new_token_ids)
-        step += 1
-    return [tokens[i] for i in ids]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-maverick", "tiny-scout"])
 @pytest.mark.parametrize(("m", "n"), [(1, 1), (1, 4), (2, 3), (2, 8)])
 def test_greedy_tokens_equal_single_process(ray_session, references, preset, m, n, request):
     ckpt = request.getfixturevalue(preset.replace("-", "_"))
     with ClusterEngine(ckpt, ClusterConfig(m, n), ENGINE) as engine:
-        got = run_with_late_arrivals(engine)
+        got = run_with_late_arrivals(engine, PROMPTS, LATE, PARAMS, arrival_steps=(4, 7))
         stats = engine.stats()
     assert got == references[ckpt]
     assert_rows_exactly_once(stats, m)

@@ -9,7 +9,7 @@ from cluster.request import SamplingParams
 from cluster.topology import ClusterConfig
 from router.placement import rebalance, static_placement
 from router.service import RebalanceConfig
-from tests.helpers import random_prompts
+from tests.helpers import random_prompts, run_with_late_arrivals
 
 ENGINE = EngineConfig(num_kv_blocks=2048, block_size=4, token_budget=64)
 PARAMS = SamplingParams(max_tokens=30, ignore_eos=True)
@@ -42,22 +42,18 @@ def test_tokens_identical_across_rearrangements(ray_session, skewed_maverick):
     policy = RebalanceConfig(window_steps=8, interval_steps=2, report_every=2, min_gain=0.0)
     cluster = ClusterConfig(2, 4, redundant_slots_per_worker=2, rebalance=policy)
     with ClusterEngine(skewed_maverick, cluster, ENGINE) as engine:
-        ids = [engine.add(p, PARAMS) for p in prompts]
-        tokens = {i: [] for i in ids}
         versions_seen = set()
-        step = 0
-        while engine.has_unfinished or len(ids) < len(prompts) + len(late):
-            if step in (6, 11):
-                rid = engine.add(late[len(ids) - len(prompts)], PARAMS)
-                ids.append(rid)
-                tokens[rid] = []
-            for out in engine.step():
-                tokens[out.request_id].extend(out.new_token_ids)
-            versions_seen.add(engine.placement.version)
-            step += 1
+        got = run_with_late_arrivals(
+            engine,
+            prompts,
+            late,
+            PARAMS,
+            arrival_steps=(6, 11),
+            on_step=lambda e: versions_seen.add(e.placement.version),
+        )
         metrics = engine.rebalancer.metrics()
         expert_versions = {s["placement_version"] for s in engine.stats()["experts"]}
-    assert [tokens[i] for i in ids] == reference  # nothing lost, nothing repeated, same tokens
+    assert got == reference  # nothing lost, nothing repeated, same tokens
     assert metrics["rearrangements"] >= 1 and len(versions_seen) >= 2
     assert expert_versions == {engine.placement.version}
     assert max(max(row) for row in metrics["replicas_per_expert"]) > 1  # hot experts were replicated
