@@ -156,6 +156,9 @@ class AsyncEngine:
                 del self._streams[out.request_id]
             self._send(add, out)
 
-    @staticmethod
-    def _send(add: _Add, item: RequestOutput | BaseException) -> None:
-        add.loop.call_soon_threadsafe(add.outputs.put_nowait, item)
+    def _send(self, add: _Add, item: RequestOutput | BaseException) -> None:
+        try:
+            add.loop.call_soon_threadsafe(add.outputs.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            if self._streams.pop(add.request_id, None) is not None:
+                self.engine.abort(add.request_id)

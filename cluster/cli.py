@@ -140,8 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_make_checkpoint(sub)
     from cluster.bench import add_bench_parser
+    from cluster.serving.cli import add_client_parser, add_serve_parser
 
     add_bench_parser(sub)
+    add_serve_parser(sub)
+    add_client_parser(sub)
     return parser
 
 

@@ -26,6 +26,7 @@ from cluster.topology import ClusterConfig, bundles, plan_topology
 from experts.worker import ExpertWorker
 
 log = logging.getLogger(__name__)
+PLACEMENT_TIMEOUT_S = 300  # an autoscaling cluster may need minutes to add nodes
 
 
 class RequestRejected(ValueError):
@@ -91,7 +92,14 @@ class ClusterEngine:
         resources = ray.cluster_resources()
         specs = bundles(c, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
         self._pg = placement_group(specs, strategy=c.placement_strategy)
-        ray.get(self._pg.ready(), timeout=120)
+        try:
+            ray.get(self._pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            need = {k: sum(b.get(k, 0) for b in specs) for k in ("CPU", "GPU")}
+            raise RuntimeError(
+                f"{c.num_workers} workers need {need} in {c.placement_strategy} bundles; the Ray cluster "
+                f"has {ray.cluster_resources()} and none were added within {PLACEMENT_TIMEOUT_S} s"
+            ) from None
         return self._pg, 0, specs
 
     def _start(self) -> None:
@@ -151,20 +159,20 @@ class ClusterEngine:
         return request_id
 
     def abort(self, request_id: str) -> None:
-        rank = self._owner.get(request_id)
+        """Forget the request now; its rank frees its blocks at the next step."""
+        rank = self._owner.pop(request_id, None)
         if rank is None:
             return
         pending = self._pending[rank]
         kept = [r for r in pending if r.request_id != request_id]
         if len(kept) == len(pending):
-            self._aborts[rank].append(request_id)
+            self._aborts[rank].append(request_id)  # already on the worker
         else:
             self._pending[rank] = kept
-            del self._owner[request_id]
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self._owner)
+        return bool(self._owner) or any(self._aborts)
 
     def step(self) -> list[RequestOutput]:
         """One lock-step over all attention workers (and, through them, the expert workers)."""
@@ -192,6 +200,8 @@ class ClusterEngine:
                 outputs.append(RequestOutput(request_id, (), True, FinishReason.ABORT, 0, 0))
                 log.warning("request %s rejected: %s", request_id, reason)
             for out in result.outputs:
+                if out.request_id not in self._owner:
+                    continue  # aborted while this step ran
                 outputs.append(out)
                 if out.finished:
                     self._owner.pop(out.request_id, None)

@@ -61,13 +61,17 @@ def plan_topology(model: ModelConfig, cluster: ClusterConfig) -> tuple[Topology,
 
 
 def bundles(cluster: ClusterConfig, cpus_available: float, gpus_available: float) -> list[dict[str, float]]:
-    """One placement-group bundle per worker: a GPU each on GPUs, else a share of the CPUs."""
+    """One placement-group bundle per worker: a GPU each on GPUs, else a share of the CPUs.
+
+    Fixed sizes (GPUs, or `cpus_per_worker` given) do not depend on what the cluster holds right
+    now: on an autoscaling cluster the placement group waits while nodes are added. Only the
+    CPU share of a fixed-size cluster is derived from (and checked against) what is there."""
     n = cluster.num_workers
     if cluster.device == "cuda":
-        if gpus_available < n:
-            raise ValueError(f"{n} workers need {n} GPUs; the Ray cluster has {gpus_available:g}")
         return [{"GPU": 1.0, "CPU": 1.0} for _ in range(n)]
-    share = cluster.cpus_per_worker or max(0.01, min(1.0, math.floor(cpus_available / n * 100) / 100))
+    if cluster.cpus_per_worker is not None:
+        return [{"CPU": cluster.cpus_per_worker} for _ in range(n)]
+    share = max(0.01, min(1.0, math.floor(cpus_available / n * 100) / 100))
     if share * n > cpus_available + 1e-9:
         raise ValueError(f"{n} workers x {share:g} CPUs exceed the cluster's {cpus_available:g} CPUs")
     return [{"CPU": share} for _ in range(n)]

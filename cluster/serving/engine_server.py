@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,9 +83,13 @@ class EngineServer:
     ) -> AsyncIterator[RequestOutput | EngineFailure]:
         """Outputs as the engine produces them. A consumer that goes away (the client
         disconnected, the call was cancelled) aborts the request and frees its KV blocks."""
+        # closing this generator must close the engine's at once (that is what aborts the request),
+        # not whenever the garbage collector gets to it
+        outputs = self.engine.generate(prompt_token_ids, params, request_id)
         try:
-            async for out in self.engine.generate(prompt_token_ids, params, request_id):
-                yield out
+            async with aclosing(outputs):
+                async for out in outputs:
+                    yield out
         except QueueFullError as e:
             yield EngineFailure("queue_full", str(e))
         except EngineDeadError as e:
@@ -103,8 +108,11 @@ class EngineServer:
     async def metrics(self) -> dict[str, Any]:
         """This replica's gauges, and the tokens each expert worker has computed (at most
         `stats_interval_s` old: reading them costs a Ray call to every worker)."""
-        gauges = dict(self.engine.last_metrics or {})
-        if self.spec.cluster is not None and time.monotonic() - self._expert_tokens_at > self.spec.stats_interval_s:
+        gauges = self._gauges()
+        if (
+            self.spec.cluster is not None
+            and time.monotonic() - self._expert_tokens_at > self.spec.stats_interval_s
+        ):
             self._expert_tokens_at = time.monotonic()
             self._expert_tokens = await asyncio.to_thread(self._read_expert_tokens)
         return {
@@ -113,10 +121,18 @@ class EngineServer:
             "num_running": gauges.get("num_running", 0),
             "num_waiting": gauges.get("num_waiting", 0),
             "kv_blocks_used": gauges.get("kv_blocks_used", 0),
-            "kv_blocks_total": gauges.get("kv_blocks_total", self.spec.engine.num_kv_blocks),
+            "kv_blocks_total": gauges.get("kv_blocks_total") or self.spec.engine.num_kv_blocks,
             "num_steps": self.engine.num_steps,
             "expert_worker_tokens": list(self._expert_tokens),
         }
+
+    def _gauges(self) -> dict[str, int]:
+        """The engine's gauges now (an abort frees blocks without a step); the last step's if the
+        loop thread is changing them under us."""
+        try:
+            return dict(self.engine.engine.metrics())
+        except RuntimeError:
+            return dict(self.engine.last_metrics or {})
 
     def _read_expert_tokens(self) -> list[int]:
         """Rows each expert worker computed, summed over MoE layers (one row per token per MoE

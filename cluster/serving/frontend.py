@@ -66,8 +66,9 @@ class Frontend:
         call = self.streaming.generate.remote(prompt_token_ids, params, new_id("req"))
         text = TextStream(self.tokenizer, params.stop)
         finished = admitted = False
+        items = _engine_items(call)
         try:
-            async for item in _engine_items(call):
+            async for item in items:
                 if isinstance(item, EngineFailure):
                     raise _failure_error(item)
                 if not admitted:
@@ -81,8 +82,9 @@ class Frontend:
                     item.new_token_ids, delta, reason, item.num_prompt_tokens, item.num_output_tokens
                 )
         finally:
+            await items.aclose()
             if not finished:
-                call.cancel()
+                _cancel(call)
 
     async def engine_snapshots(self) -> list[dict[str, Any]]:
         """`EngineServer.metrics()` of every engine replica (those that answer in time)."""
@@ -115,6 +117,14 @@ async def _engine_items(call: Any) -> AsyncIterator[Any]:
         raise queue_full(f"the engine's queue is full; retry later ({e.message})") from None
     except (DeploymentUnavailableError, RayActorError) as e:
         raise unavailable(f"the engine is unavailable: {e}") from None
+
+
+def _cancel(call: Any) -> None:
+    """Stop the engine call (it aborts the request); a call Serve refused has nothing to stop."""
+    try:
+        call.cancel()
+    except Exception as e:
+        log.debug("cancel after %s: nothing to cancel", type(e).__name__)
 
 
 def _failure_error(failure: EngineFailure) -> APIError:

@@ -8,12 +8,14 @@ error as an ordinary HTTP response, one that fails later gets an SSE `error` eve
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from cluster.request import SamplingParams
 from cluster.serving import openai_protocol as oai
 from cluster.serving.frontend import Frontend, TextDelta
 from cluster.serving.metrics import CONTENT_TYPE, RequestTimer
@@ -40,7 +42,7 @@ class OpenAIRoutes:
             "/health": ("GET", self.health),
             "/metrics": ("GET", self.metrics),
         }
-        self.created = int(__import__("time").time())
+        self.created = int(time.time())
 
     async def handle(self, request: Request) -> Response:
         path = _app_path(request)
@@ -70,7 +72,9 @@ class OpenAIRoutes:
             ids = oai.completion_prompt(req, self.f.tokenizer)
             max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default
             params = oai.sampling_params(req, len(ids), self.f.context_length, max_tokens)
-            return await self._respond(req, ids, params, timer, _CompletionShape(oai.new_id("cmpl"), req.model))
+            return await self._respond(
+                req, ids, params, timer, _CompletionShape(oai.new_id("cmpl"), req.model)
+            )
         except oai.APIError as e:
             timer.finish(e.status)
             return error_response(e)
@@ -88,7 +92,14 @@ class OpenAIRoutes:
             timer.finish(e.status)
             return error_response(e)
 
-    async def _respond(self, req: oai.SamplingFields, ids, params, timer: RequestTimer, shape) -> Response:
+    async def _respond(
+        self,
+        req: oai.SamplingFields,
+        ids: list[int],
+        params: SamplingParams,
+        timer: RequestTimer,
+        shape: _CompletionShape,
+    ) -> Response:
         deltas = self.f.stream(ids, params, timer)
         first = await anext(deltas)  # an error here is still an ordinary HTTP error response
         if req.stream:
@@ -103,7 +114,11 @@ class OpenAIRoutes:
 
 
 async def _events(
-    first: TextDelta, rest: AsyncIterator[TextDelta], shape, include_usage: bool, timer: RequestTimer
+    first: TextDelta,
+    rest: AsyncIterator[TextDelta],
+    shape: _CompletionShape,
+    include_usage: bool,
+    timer: RequestTimer,
 ) -> AsyncIterator[str]:
     """Server-sent events: the chunks, an optional usage chunk, then `data: [DONE]`."""
     last = first

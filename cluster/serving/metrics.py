@@ -33,15 +33,21 @@ class EngineCollector:
     def collect(self) -> Iterator[Metric]:
         labels = ["model_name", "replica"]
         families = {
-            "alive": GaugeMetricFamily(f"{PREFIX}_engine_alive", "1 if the replica's engine loop runs", labels=labels),
+            "alive": GaugeMetricFamily(
+                f"{PREFIX}_engine_alive", "1 if the replica's engine loop runs", labels=labels
+            ),
             "num_running": GaugeMetricFamily(
                 f"{PREFIX}_num_requests_running", "Requests in the running batch", labels=labels
             ),
             "num_waiting": GaugeMetricFamily(
                 f"{PREFIX}_num_requests_waiting", "Requests waiting to be scheduled", labels=labels
             ),
-            "kv_blocks_used": GaugeMetricFamily(f"{PREFIX}_kv_blocks_used", "KV cache blocks in use", labels=labels),
-            "kv_blocks_total": GaugeMetricFamily(f"{PREFIX}_kv_blocks_total", "KV cache blocks in all", labels=labels),
+            "kv_blocks_used": GaugeMetricFamily(
+                f"{PREFIX}_kv_blocks_used", "KV cache blocks in use", labels=labels
+            ),
+            "kv_blocks_total": GaugeMetricFamily(
+                f"{PREFIX}_kv_blocks_total", "KV cache blocks in all", labels=labels
+            ),
         }
         usage = GaugeMetricFamily(
             f"{PREFIX}_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1)", labels=labels
@@ -72,18 +78,35 @@ class ServingMetrics:
         self.registry = CollectorRegistry()
         r, model = self.registry, ["model_name"]
         self.requests = Counter(
-            f"{PREFIX}_requests", "Requests answered, by endpoint and status", [*model, "endpoint", "status"], registry=r
+            f"{PREFIX}_requests",
+            "Requests answered, by endpoint and status",
+            [*model, "endpoint", "status"],
+            registry=r,
         )
         self.ttft = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds", "Arrival to first token", model, buckets=TTFT_BUCKETS, registry=r
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Arrival to first token",
+            model,
+            buckets=TTFT_BUCKETS,
+            registry=r,
         )
         self.itl = Histogram(
-            f"{PREFIX}_inter_token_latency_seconds", "Time between token deltas", model, buckets=ITL_BUCKETS, registry=r
+            f"{PREFIX}_inter_token_latency_seconds",
+            "Time between token deltas",
+            model,
+            buckets=ITL_BUCKETS,
+            registry=r,
         )
         self.e2e = Histogram(
-            f"{PREFIX}_e2e_request_latency_seconds", "Arrival to last token", model, buckets=E2E_BUCKETS, registry=r
+            f"{PREFIX}_e2e_request_latency_seconds",
+            "Arrival to last token",
+            model,
+            buckets=E2E_BUCKETS,
+            registry=r,
         )
-        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of admitted requests", model, registry=r)
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of admitted requests", model, registry=r
+        )
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", model, registry=r)
         self.engine = EngineCollector(model_name)
         self.registry.register(self.engine)

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class Llama4EPStub:
-    """Missing associated documentation comment in .proto file."""
+    """Text generation with the served Llama 4 model.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +48,8 @@ class Llama4EPStub:
 
 
 class Llama4EPServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Text generation with the served Llama 4 model.
+    """
 
     def Generate(self, request, context):
         """The whole completion in one message.
@@ -85,7 +87,8 @@ def add_Llama4EPServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Llama4EP:
-    """Missing associated documentation comment in .proto file."""
+    """Text generation with the served Llama 4 model.
+    """
 
     @staticmethod
     def Generate(request,
