@@ -7,7 +7,7 @@ call per step (`step`), carrying the requests that join and the ones cancelled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from attention.model import Llama4Decoder, load_non_expert_weights
@@ -96,6 +96,24 @@ class AttentionWorker(ProcessGroupMember):
             except ValueError as e:
                 rejected.append((request.request_id, str(e)))
         return rejected
+
+    def load_routers(self, model_dir: str) -> None:
+        """Swap in the router weights [E, H] of every MoE layer from another checkpoint of the same
+        shape (e.g. the same weights made with another --skew-seed), so other experts turn hot.
+        Ray runs one call at a time on this actor, so the swap lands between two steps. A missing
+        router or one of another shape raises CheckpointError and changes nothing."""
+        weights, cfg = self.core.decoder.weights, self.core.cfg
+        shape = (cfg.num_local_experts, cfg.hidden_size)
+        with CheckpointReader(Path(model_dir)) as reader:
+            layers = tuple(
+                lw
+                if lw.router is None
+                else replace(
+                    lw, router=reader.tensor(f"layers.{i}.feed_forward.router.weight", shape, lw.router.dtype)
+                )
+                for i, lw in enumerate(weights.layers)
+            )
+        self.core.decoder.weights = replace(weights, layers=layers)
 
     def stop_experts(self) -> None:
         """Every attention rank joins the STOP broadcast; rank 0's header ends the expert loops."""
