@@ -1,0 +1,5 @@
+import sys
+
+from cluster.sim.run import main
+
+sys.exit(main())
