@@ -10,7 +10,10 @@ group on a free port) and times one MoE layer's exchange three ways, interleaved
 - `dispatch+compute`: the same with the SwiGLU of every slot (what `ExpertServer.serve` does);
   the expert ranks also time their SwiGLU alone (`expert_compute`, slowest rank per layer).
 
-`overhead_vs_all_to_all` = dispatch / all_to_all (medians over reps), transport only.
+`overhead_vs_all_to_all` = dispatch / all_to_all, transport only: the median over reps of each
+rep's ratio (a rep runs the modes back to back, so a busy spell of a shared machine lands on both
+sides of one ratio). Times are attention rank 0's wall clock per MoE layer; the attention side's
+process CPU time (its gloo threads included) comes along as a steadier second opinion.
 """
 
 from __future__ import annotations
@@ -24,9 +27,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from router.dispatcher import Topology
+    from router.placement import Placement
 
 MODES = ("all_to_all", "dispatch", "dispatch+compute")
 
@@ -95,10 +103,10 @@ def run_dispatch_bench(spec: DispatchSpec) -> list[dict]:
         )
         samples = json.loads(out.read_text())
     del store
-    return [_summarise(spec, t, samples) for t in spec.num_tokens]
+    return [_summarise(t, samples) for t in spec.num_tokens]
 
 
-def _summarise(spec: DispatchSpec, num_tokens: int, samples: dict) -> dict:
+def _summarise(num_tokens: int, samples: dict) -> dict:
     """Medians in ms per MoE layer; the ratios are medians of per-rep ratios (a rep's modes run
     back to back, so a slow spell of the machine hits both sides of a ratio alike)."""
     wall = {mode: samples["attention"][f"{num_tokens}/{mode}"] for mode in MODES}
@@ -144,7 +152,7 @@ def _rank_main(rank: int, spec: DispatchSpec, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _world(spec: DispatchSpec):
+def _world(spec: DispatchSpec) -> tuple[Topology, Placement]:
     from router.dispatcher import Topology
     from router.placement import static_placement
 
@@ -183,7 +191,7 @@ def _layer_input(
     offset = dispatcher.step_id + dispatcher.dp_rank
     slot = choose_replica(expert_idx, p.log2phy[layer_idx], p.logcnt[layer_idx], offset)
     s = topo.slots_per_worker
-    key = (slot // s + topo.num_attention) * s + slot % s
+    key = slot + topo.num_attention * s  # (world rank, local slot) as rank * S + slot
     counts = torch.bincount(key, minlength=topo.world_size * s)
     splits = counts.view(topo.world_size, s).sum(1).tolist()
     rows = x[torch.argsort(key, stable=True)].contiguous()
