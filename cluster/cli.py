@@ -141,10 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_checkpoint(sub)
     from cluster.bench import add_bench_parser
     from cluster.serving.cli import add_client_parser, add_serve_parser
+    from cluster.serving.status import add_status_parser
 
     add_bench_parser(sub)
     add_serve_parser(sub)
     add_client_parser(sub)
+    add_status_parser(sub)
     return parser
 
 

@@ -124,9 +124,10 @@ class EngineServer:
             "kv_blocks_total": gauges.get("kv_blocks_total") or self.spec.engine.num_kv_blocks,
             "num_steps": self.engine.num_steps,
             "expert_worker_tokens": list(self._expert_tokens),
+            "balancing": dict(gauges.get("balancing") or {}),
         }
 
-    def _gauges(self) -> dict[str, int]:
+    def _gauges(self) -> dict[str, Any]:
         """The engine's gauges now (an abort frees blocks without a step); the last step's if the
         loop thread is changing them under us."""
         try:

@@ -68,6 +68,45 @@ class EngineCollector:
         yield from families.values()
         yield usage
         yield expert
+        yield from balancing_families(self.snapshots, self.model_name)
+
+
+def balancing_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator[Metric]:
+    """Expert balance as the router service measures it over its window (cluster engines only)."""
+    labels = ["model_name", "replica"]
+    balancedness = GaugeMetricFamily(
+        f"{PREFIX}_expert_balancedness",
+        "Mean / max tokens per expert worker over the load window; layer 'all' weighs layers by load",
+        labels=[*labels, "layer"],
+    )
+    imbalance = GaugeMetricFamily(
+        f"{PREFIX}_expert_imbalance", "(max - mean) / mean over all layers", labels=labels
+    )
+    version = GaugeMetricFamily(
+        f"{PREFIX}_placement_version", "Version of the expert placement map", labels=labels
+    )
+    replicas = GaugeMetricFamily(
+        f"{PREFIX}_expert_replicas_max", "Most replicas of any expert", labels=labels
+    )
+    moves = CounterMetricFamily(f"{PREFIX}_expert_rearrangements", "Placement switches", labels=labels)
+    seconds = CounterMetricFamily(
+        f"{PREFIX}_expert_rearrangement_seconds", "Seconds from plan to switch, summed", labels=labels
+    )
+    for snap in snapshots:
+        b = snap.get("balancing") or {}
+        if not b:
+            continue
+        values = [model_name, str(snap["replica"])]
+        if "balancedness" in b:
+            balancedness.add_metric([*values, "all"], float(b["balancedness"]))
+            for layer, value in enumerate(b["balancedness_per_layer"]):
+                balancedness.add_metric([*values, str(layer)], float(value))
+            imbalance.add_metric(values, float(b["imbalance"]))
+        version.add_metric(values, float(b["placement_version"]))
+        replicas.add_metric(values, float(max(max(row) for row in b["replicas_per_expert"])))
+        moves.add_metric(values, float(b["rearrangements"]))
+        seconds.add_metric(values, float(sum(b["rearrangement_seconds"])))
+    yield from (balancedness, imbalance, version, replicas, moves, seconds)
 
 
 class ServingMetrics:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -286,6 +288,12 @@ def test_metrics(server):
         json={"model": server.model, "prompt": "x", "max_tokens": 4},
         timeout=30,
     )
+    # enough steps for the router service's balance figures to reach the engine
+    httpx.post(
+        f"{server.http}/v1/completions",
+        json={"model": server.model, "prompt": "y", "max_tokens": 40, "temperature": 0},
+        timeout=60,
+    )
     text = httpx.get(f"{server.http}/metrics").text
     samples = {}
     for family in text_string_to_metric_families(text):
@@ -304,6 +312,22 @@ def test_metrics(server):
         assert f"llama4_ep_{gauge}" in samples
     per_worker = {s.labels["expert_worker"]: s.value for s in samples["llama4_ep_expert_worker_tokens_total"]}
     assert set(per_worker) == {"0", "1"} and all(v > 0 for v in per_worker.values())
+    layers = {s.labels["layer"]: s.value for s in samples["llama4_ep_expert_balancedness"]}
+    assert set(layers) == {"all", "0", "1", "2", "3"} and all(0 < v <= 1 for v in layers.values())
+    assert total("llama4_ep_placement_version") == 0 and total("llama4_ep_expert_replicas_max") == 1
+
+
+def test_status_command_reads_the_server(server):
+    host, port = server.http.removeprefix("http://").split(":")
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "status", "--host", host, "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "engine replica" in out.stdout and "tokens per expert worker" in out.stdout
+    assert "balancedness" in out.stdout and "placement v0" in out.stdout
 
 
 def test_bench_serve_against_the_server(server, capsys):
