@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -113,24 +112,9 @@ def skewed_checkpoint(preset: str, expert_skew: float, skew_seed: int, seed: int
     """A random checkpoint with Zipf(expert_skew) routers, made once and cached (like
     `cluster.cli.default_checkpoint`). Checkpoints that differ only in skew_seed share every weight
     but the routers."""
-    from cluster.cli import cache_dir
-    from cluster.presets import make_checkpoint
+    from cluster.cli import default_checkpoint
 
-    target = cache_dir() / f"{preset}-seed{seed}-skew{expert_skew:g}-skewseed{skew_seed}"
-    if (target / "config.json").exists():
-        return target
-    print(f"making the {target.name} checkpoint in {target} (once)", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        make_checkpoint(preset, tmp, seed=seed, expert_skew=expert_skew, skew_seed=skew_seed)
-        tmp.rename(target)  # atomic: a half-written checkpoint is never visible
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return default_checkpoint(preset, seed, expert_skew, skew_seed)
 
 
 # -- driving the engine ---------------------------------------------------------------------------

@@ -20,18 +20,22 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def default_checkpoint(preset: str = DEFAULT_PRESET, seed: int = 0) -> Path:
-    """The embedded default: a tiny random checkpoint, made once and cached."""
+def default_checkpoint(
+    preset: str = DEFAULT_PRESET, seed: int = 0, expert_skew: float = 0.0, skew_seed: int = 0
+) -> Path:
+    """The embedded default: a tiny random checkpoint, made once and cached. With expert_skew > 0
+    the routers are Zipf-skewed (cached under a name that says so)."""
     from cluster.presets import make_checkpoint
 
-    target = cache_dir() / f"{preset}-seed{seed}"
+    name = f"{preset}-seed{seed}" + (f"-skew{expert_skew:g}-skewseed{skew_seed}" if expert_skew else "")
+    target = cache_dir() / name
     if (target / "config.json").exists():
         return target
-    print(f"making the {preset} checkpoint in {target} (once)", file=sys.stderr)
+    print(f"making the {name if expert_skew else preset} checkpoint in {target} (once)", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{preset}-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:
-        make_checkpoint(preset, tmp, seed=seed)
+        make_checkpoint(preset, tmp, seed=seed, expert_skew=expert_skew, skew_seed=skew_seed)
         tmp.rename(target)  # atomic: a half-written checkpoint is never visible
     except OSError:
         if not (target / "config.json").exists():
