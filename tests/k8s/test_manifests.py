@@ -366,7 +366,7 @@ def test_cpu_demo_init_container_makes_the_checkpoint_the_app_loads(monkeypatch,
     monkeypatch.setattr(
         cluster.presets,
         "make_checkpoint",
-        lambda preset, out, seed: (Path(out) / "config.json").write_text("{}"),
+        lambda preset, out, seed, **skew: (Path(out) / "config.json").write_text("{}"),
     )
     made = default_checkpoint()
     assert str(cache / made.relative_to(tmp_path)) == app_config("cpu-demo.yaml").model
