@@ -26,6 +26,7 @@ from cluster.serving.frontend import Frontend, IngressSpec
 from cluster.serving.grpc_service import GrpcService
 from cluster.serving.http_routes import OpenAIRoutes
 from cluster.topology import ClusterConfig, bundles
+from router.service import RebalanceConfig
 
 APP_NAME = "llama4-ep"
 REPLICA_CPUS = 0.01  # the engine replica only drives its workers (disaggregated layout)
@@ -52,12 +53,41 @@ class AutoscalingArgs(BaseModel):
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(32.0, gt=0)
+    # None: Serve's own defaults (upscale 30 s, downscale 600 s, metrics every 10 s over 30 s)
+    initial_replicas: int | None = Field(None, ge=1)
+    upscale_delay_s: float | None = Field(None, ge=0)
+    downscale_delay_s: float | None = Field(None, ge=0)
+    metrics_interval_s: float | None = Field(None, gt=0)
+    look_back_period_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _order(self) -> "AutoscalingArgs":
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError(
+                f"initial_replicas ({self.initial_replicas}) must be within "
+                f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]"
+            )
         return self
+
+
+class RebalanceArgs(BaseModel):
+    """Dynamic replication of hot experts (see `router.service.RebalanceConfig`). Load statistics
+    are collected either way; `enabled: false` keeps the initial placement."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    window_steps: int = Field(64, ge=1)
+    interval_steps: int = Field(32, ge=1)
+    imbalance_threshold: float = Field(0.25, ge=0)
+    min_gain: float = Field(0.05, ge=0)
+    report_every: int = Field(8, ge=1)
+
+    def to_config(self) -> RebalanceConfig:
+        return RebalanceConfig(**self.model_dump())
 
 
 class ServeAppConfig(BaseModel):
@@ -68,6 +98,8 @@ class ServeAppConfig(BaseModel):
     served_model_name: str | None = Field(None, description="the `model` clients send; default: dir name")
     attention_workers: int = Field(1, ge=1)
     expert_workers: int = Field(2, ge=0, description="0: the single-process (colocated) engine")
+    redundant_slots: int = Field(0, ge=0, description="expert slots per worker beyond experts / workers")
+    rebalance: RebalanceArgs = Field(default_factory=RebalanceArgs)
     device: Literal["cpu", "cuda"] = "cpu"
     cpus_per_worker: float | None = Field(None, gt=0, description="None: share the cluster's CPUs")
     engine: EngineArgs = Field(default_factory=EngineArgs)
@@ -87,6 +119,8 @@ class ServeAppConfig(BaseModel):
     def _check(self) -> "ServeAppConfig":
         if self.max_queued_requests == 0:
             raise ValueError("max_queued_requests must be -1 (no limit) or >= 1")
+        if self.expert_workers == 0 and (self.redundant_slots or self.rebalance.enabled):
+            raise ValueError("redundant_slots and rebalance need expert workers (expert_workers >= 1)")
         self.engine.to_config()  # EngineConfig's own checks (dtype, ...)
         self.cluster_config()
         return self
@@ -102,8 +136,10 @@ class ServeAppConfig(BaseModel):
         return ClusterConfig(
             self.attention_workers,
             self.expert_workers,
+            redundant_slots_per_worker=self.redundant_slots,
             device=self.device,
             cpus_per_worker=self.cpus_per_worker,
+            rebalance=self.rebalance.to_config(),
         )
 
 
@@ -132,7 +168,7 @@ def scaling_options(cfg: ServeAppConfig) -> dict[str, Any]:
     a = cfg.autoscaling
     if a.min_replicas == a.max_replicas:
         return {"num_replicas": a.min_replicas}
-    return {"autoscaling_config": a.model_dump()}
+    return {"autoscaling_config": a.model_dump(exclude_none=True)}
 
 
 class Ingress:

@@ -42,6 +42,17 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         default=2,
         help="expert workers per engine replica (default 2); 0 serves the single-process engine",
     )
+    p.add_argument(
+        "--redundant-slots",
+        type=_count("--redundant-slots", 0),
+        default=0,
+        help="expert slots per worker beyond experts / workers, for replicas of hot experts",
+    )
+    p.add_argument(
+        "--rebalance",
+        action="store_true",
+        help="re-plan expert replicas from the measured load while serving",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="workers' device")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--http-port", type=_count("--http-port", 1), default=DEFAULT_HTTP_PORT)
@@ -98,6 +109,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         attention_workers=args.attention_workers,
         expert_workers=args.expert_workers,
+        redundant_slots=args.redundant_slots,
+        rebalance={"enabled": args.rebalance},
         device=args.device,
         max_pending=args.max_pending,
     )

@@ -34,11 +34,34 @@ def test_defaults_are_one_attention_and_two_expert_workers():
         {"autoscaling": {"min_replicas": 3, "max_replicas": 2}},
         {"max_queued_requests": 0},
         {"expert_wokers": 2},
+        {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 3}},
+        {"autoscaling": {"upscale_delay_s": -1}},
+        {"redundant_slots": -1},
+        {"rebalance": {"interval_steps": 0}},
+        {"rebalance": {"enabled": True, "intervall_steps": 8}},
+        {"expert_workers": 0, "rebalance": {"enabled": True}},
+        {"expert_workers": 0, "redundant_slots": 1},
     ],
 )
 def test_bad_arguments_are_refused(args):
     with pytest.raises(ValidationError):
         ServeAppConfig.model_validate(args)
+
+
+def test_autoscaling_delays_and_replication_reach_serve_and_the_cluster():
+    from ray.serve.config import AutoscalingConfig
+
+    cfg = ServeAppConfig(
+        autoscaling={"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 1, "downscale_delay_s": 5},
+        redundant_slots=2,
+        rebalance={"enabled": True, "interval_steps": 8},
+    )
+    serve_cfg = AutoscalingConfig(**scaling_options(cfg)["autoscaling_config"])
+    assert (serve_cfg.upscale_delay_s, serve_cfg.downscale_delay_s, serve_cfg.max_replicas) == (1, 5, 3)
+    cluster = cfg.cluster_config()
+    assert cluster.redundant_slots_per_worker == 2
+    assert cluster.rebalance.enabled and cluster.rebalance.interval_steps == 8
+    assert not ServeAppConfig().cluster_config().rebalance.enabled
 
 
 def test_disaggregated_replica_holds_its_workers_in_its_own_bundles():
@@ -56,7 +79,9 @@ def test_replicas_share_the_cpus_and_gpu_workers_get_a_gpu_each():
     gpu_cfg = ServeAppConfig(device="cuda", expert_workers=3)
     gpu = replica_resources(gpu_cfg, 16.0, 4.0)["placement_group_bundles"]
     assert [b.get("GPU", 0) for b in gpu] == [0, 1, 1, 1, 1]
-    assert scaling_options(cfg) == {"autoscaling_config": cfg.autoscaling.model_dump()}
+    assert scaling_options(cfg) == {
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}
+    }
     assert scaling_options(ServeAppConfig()) == {"num_replicas": 1}
 
 
