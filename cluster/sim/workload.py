@@ -67,6 +67,20 @@ class ArrivalSpec:
             return p[0] + (p[1] - p[0]) * frac
         return np.where(np.mod(t, p[3]) < p[2], p[1], p[0])  # bursty
 
+    def times_within(self, duration_s: float, rng: np.random.Generator) -> np.ndarray:
+        """Every arrival time in [0, duration_s), ascending (live experiments run for a time)."""
+        if self.kind == "constant":
+            return np.arange(0.0, duration_s, 1.0 / self.params[0])
+        out: list[np.ndarray] = []
+        t0, peak = 0.0, self.peak_rate
+        while t0 < duration_s:
+            n = max(64, int(2 * peak * (duration_s - t0)))
+            cand = t0 + np.cumsum(rng.exponential(1.0 / peak, n))
+            keep = cand[(rng.random(n) * peak < self.rate(cand)) & (cand < duration_s)]
+            out.append(keep)
+            t0 = float(cand[-1])
+        return np.concatenate(out)
+
     def times(self, num_requests: int, rng: np.random.Generator) -> np.ndarray:
         """The first `num_requests` arrival times (seconds from 0, ascending)."""
         if self.kind == "constant":

@@ -307,3 +307,12 @@ def test_cli_prints_a_summary(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "40/40 finished" in text and "TPOT" in text and "balancedness" in text
     assert out.exists()
+
+
+def test_arrivals_within_a_duration():
+    rng = np.random.default_rng(0)
+    assert np.allclose(ArrivalSpec.parse("constant:4").times_within(2.0, rng), np.arange(8) / 4)
+    t = ArrivalSpec.parse("step:10:100:20").times_within(40.0, rng)
+    assert (np.diff(t) >= 0).all() and t[0] >= 0 and t[-1] < 40
+    assert 150 < (t < 20).sum() < 250 and 1800 < (t >= 20).sum() < 2200
+    assert ArrivalSpec.parse("poisson:0.001").times_within(1.0, rng).size <= 1
