@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_make_checkpoint(sub)
     from cluster.bench import add_bench_parser
+    from cluster.experiment.cli import add_experiment_parser
     from cluster.serving.cli import add_client_parser, add_serve_parser
     from cluster.serving.status import add_status_parser
 
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_client_parser(sub)
     add_status_parser(sub)
+    add_experiment_parser(sub)
     return parser
 
 

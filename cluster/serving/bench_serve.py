@@ -174,7 +174,8 @@ def _bodies(args: argparse.Namespace, model: str) -> list[tuple[str, dict[str, A
     return out
 
 
-async def _one(client: Any, path: str, body: dict[str, Any]) -> RequestResult:
+async def stream_completion(client: Any, path: str, body: dict[str, Any]) -> RequestResult:
+    """One streamed request; the result holds its TTFT, inter-token gaps and latency, or its error."""
     r = RequestResult()
     start = last = time.perf_counter()
     try:
@@ -220,7 +221,7 @@ async def run(args: argparse.Namespace, model: str) -> tuple[list[RequestResult]
 
         async def limited(path: str, body: dict[str, Any]) -> RequestResult:
             async with limit:
-                return await _one(client, path, body)
+                return await stream_completion(client, path, body)
 
         start = time.perf_counter()
         tasks = []
