@@ -355,7 +355,8 @@ def plot_comparison(results: Sequence[RunResult], scenario: Scenario, path: Path
         ("ttft_p99_ms", "TTFT p99 ms"),
         ("tpot_p50_ms", "TPOT p50 ms"),
         ("replicas_running", "engine replicas"),
-        ("engine_waiting", "queue depth"),
+        ("in_flight", "requests in flight"),
+        ("engine_waiting", "engine waiting"),
         ("balancedness", "balancedness"),
     )
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.2 * len(panels)), sharex=True)
@@ -364,9 +365,12 @@ def plot_comparison(results: Sequence[RunResult], scenario: Scenario, path: Path
         t = _col(rows, "t_s")
         for ax, (key, _) in zip(axes, panels, strict=True):
             ax.plot(t, _col(rows, key), marker=".", label=result.run.name)
-    for ax, (_, label) in zip(axes, panels, strict=True):
+    for ax, (key, label) in zip(axes, panels, strict=True):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+        if key in ("replicas_running", "engine_waiting"):
+            ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.0) + 0.5)
+            ax.yaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=8)
     axes[-1].set_xlabel("seconds from the start of the load")
     fig.suptitle(f"{scenario.name}: variants side by side", fontsize=10)

@@ -388,7 +388,7 @@ def run_scenario(
             result = RunResult(run, records, samples, run.load.duration_s, end_s, deploy_s, model_dir)
             write_run(result, scenario, out_dir / run.name)
             results.append(result)
-        write_summary(results, scenario, out_dir)
+            write_summary(results, scenario, out_dir)  # after each: an interrupted run keeps its table
     finally:
         deployer.close()
     return results
