@@ -160,6 +160,8 @@ def _print_where(args: argparse.Namespace, config: Any) -> None:
         "single-process engine"
         if args.expert_workers == 0
         else f"{args.attention_workers} attention + {args.expert_workers} expert workers"
+        + (f", {args.redundant_slots} redundant slots per worker" if args.redundant_slots else "")
+        + (", rebalancing hot experts" if args.rebalance else "")
     )
     print(
         f"llama4-ep is serving {config.model_name!r} ({layout}) from {config.model}\n"
