@@ -278,74 +278,80 @@ def _col(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray:
 
 
 def plot_run(rows: Sequence[dict[str, Any]], result: RunResult, path: Path) -> None:
+    """Five panels over time: load, TTFT, TPOT, replicas with queue depth, expert balance."""
     plt = _pyplot()
     t = _col(rows, "t_s")
     fig, axes = plt.subplots(5, 1, figsize=(9, 13), sharex=True)
     load, ttft, tpot, scale, experts = axes
-    load.step(t, _col(rows, "offered_rps"), where="post", label="offered req/s")
-    load.step(t, _col(rows, "achieved_rps"), where="post", label="achieved req/s (replies)")
-    failed = _col(rows, "failed")
-    if failed.any():
-        load.bar(
-            t,
-            failed,
-            width=t[1] - t[0] if len(t) > 1 else 1,
-            align="edge",
-            alpha=0.3,
-            color="red",
-            label="failed",
-        )
-    tok = load.twinx()
-    tok.plot(t, _col(rows, "output_tps"), color="gray", alpha=0.6, label="output tok/s")
-    tok.set_ylabel("output tok/s")
-    load.set_ylabel("requests/s")
-    load.legend(loc="upper left", fontsize=8)
-    for ax, name in ((ttft, "ttft"), (tpot, "tpot")):
-        for p in PERCENTILES:
-            ax.plot(t, _col(rows, f"{name}_p{p}_ms"), marker=".", label=f"p{p}")
-        ax.set_ylabel(f"{name.upper()} ms\n(by send time)")
-        ax.legend(loc="upper left", fontsize=8)
-    scale.step(t, _col(rows, "replicas_running"), where="post", label="engine replicas running", lw=2)
-    scale.step(
-        t,
-        _col(rows, "replicas_running") + _col(rows, "replicas_starting"),
-        where="post",
-        ls="--",
-        label="running + starting",
-    )
-    top = np.nanmax(np.r_[_col(rows, "replicas_running") + _col(rows, "replicas_starting"), 1.0])
-    scale.set_ylim(0, top + 0.5)
-    scale.yaxis.get_major_locator().set_params(integer=True)
-    queue = scale.twinx()
-    queue.plot(t, _col(rows, "engine_waiting"), color="C3", label="engine waiting (queue depth)")
-    queue.plot(t, _col(rows, "in_flight"), color="C4", alpha=0.6, label="client in flight")
-    queue.set_ylabel("requests")
-    scale.set_ylabel("replicas")
-    scale.legend(loc="upper left", fontsize=8)
-    queue.legend(loc="upper right", fontsize=8)
-    experts.plot(t, _col(rows, "balancedness"), label="balancedness (min over replicas)")
-    experts.set_ylim(0, 1.05)
-    experts.set_ylabel("mean / max tokens\nper expert worker")
-    version = experts.twinx()
-    version.step(t, _col(rows, "placement_version"), where="post", color="C2", label="placement version")
-    version.set_ylabel("placement version")
-    experts.legend(loc="lower left", fontsize=8)
-    version.legend(loc="lower right", fontsize=8)
+    _load_panel(load, t, rows)
+    _percentile_panel(ttft, t, rows, "ttft")
+    _percentile_panel(tpot, t, rows, "tpot")
+    _replicas_panel(scale, t, rows)
+    _experts_panel(experts, t, rows)
     experts.set_xlabel("seconds from the start of the load")
     for ax in axes:
         ax.axvspan(0, result.duration_s, color="0.9", zorder=0)
         ax.grid(alpha=0.3)
-    a = result.run.app.autoscaling
+    run = result.run
     fig.suptitle(
-        f"{result.run.name}: {result.run.load.arrivals} for {result.run.load.duration_s:g} s; "
-        f"replicas {a.min_replicas}-{a.max_replicas}, {result.run.app.expert_workers} expert workers, "
-        f"{result.run.app.redundant_slots} redundant slots, rebalancing "
-        f"{'on' if result.run.app.rebalance.enabled else 'off'}",
-        fontsize=10,
+        f"{run.name}: {run.load.arrivals} for {run.load.duration_s:g} s\n{run.describe()}", fontsize=10
     )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _load_panel(ax: Any, t: np.ndarray, rows: Sequence[dict[str, Any]]) -> None:
+    ax.step(t, _col(rows, "offered_rps"), where="post", label="offered req/s")
+    ax.step(t, _col(rows, "achieved_rps"), where="post", label="achieved req/s (replies)")
+    failed = _col(rows, "failed")
+    if failed.any():
+        width = t[1] - t[0] if len(t) > 1 else 1
+        ax.bar(t, failed, width=width, align="edge", alpha=0.3, color="red", label="failed")
+    tok = ax.twinx()
+    tok.plot(t, _col(rows, "output_tps"), color="gray", alpha=0.6, label="output tok/s")
+    tok.set_ylabel("output tok/s")
+    ax.set_ylabel("requests/s")
+    ax.legend(loc="upper left", fontsize=8)
+
+
+def _percentile_panel(ax: Any, t: np.ndarray, rows: Sequence[dict[str, Any]], name: str) -> None:
+    for p in PERCENTILES:
+        ax.plot(t, _col(rows, f"{name}_p{p}_ms"), marker=".", label=f"p{p}")
+    ax.set_ylabel(f"{name.upper()} ms\n(by send time)")
+    ax.legend(loc="upper left", fontsize=8)
+
+
+def _replicas_panel(ax: Any, t: np.ndarray, rows: Sequence[dict[str, Any]]) -> None:
+    running = _col(rows, "replicas_running")
+    wanted = running + _col(rows, "replicas_starting")
+    ax.step(t, running, where="post", label="engine replicas running", lw=2)
+    ax.step(t, wanted, where="post", ls="--", label="running + starting")
+    _integer_axis(ax, np.nanmax(np.r_[wanted, 1.0]))
+    ax.set_ylabel("replicas")
+    ax.legend(loc="upper left", fontsize=8)
+    queue = ax.twinx()
+    queue.plot(t, _col(rows, "engine_waiting"), color="C3", label="engine waiting (queue depth)")
+    queue.plot(t, _col(rows, "in_flight"), color="C4", alpha=0.6, label="client in flight")
+    queue.set_ylabel("requests")
+    queue.legend(loc="upper right", fontsize=8)
+
+
+def _experts_panel(ax: Any, t: np.ndarray, rows: Sequence[dict[str, Any]]) -> None:
+    ax.plot(t, _col(rows, "balancedness"), label="balancedness (min over replicas)")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("mean / max tokens\nper expert worker")
+    ax.legend(loc="lower left", fontsize=8)
+    version = ax.twinx()
+    version.step(t, _col(rows, "placement_version"), where="post", color="C2", label="placement version")
+    version.set_ylabel("placement version")
+    version.legend(loc="lower right", fontsize=8)
+
+
+def _integer_axis(ax: Any, top: float) -> None:
+    """Counts (replicas, requests): from 0, whole ticks, a little headroom."""
+    ax.set_ylim(0, top + 0.5)
+    ax.yaxis.get_major_locator().set_params(integer=True)
 
 
 def plot_comparison(results: Sequence[RunResult], scenario: Scenario, path: Path) -> None:
@@ -369,8 +375,7 @@ def plot_comparison(results: Sequence[RunResult], scenario: Scenario, path: Path
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if key in ("replicas_running", "engine_waiting"):
-            ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.0) + 0.5)
-            ax.yaxis.get_major_locator().set_params(integer=True)
+            _integer_axis(ax, max(ax.get_ylim()[1], 1.0))
     axes[0].legend(fontsize=8)
     axes[-1].set_xlabel("seconds from the start of the load")
     fig.suptitle(f"{scenario.name}: variants side by side", fontsize=10)

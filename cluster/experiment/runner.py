@@ -173,73 +173,99 @@ async def offer_load(
     (at most `drain_timeout_s` after the load ends), then keep sampling for `cooldown_s`."""
     import httpx
 
-    from cluster.serving.bench_serve import stream_completion
-
     rng = random.Random(scenario.seed)
     bodies = [_body(r, model, run.load.temperature, rng) for r in records]
-    samples: list[Sample] = []
-    in_flight = 0
-    t0 = time.perf_counter()
+    timeout = httpx.Timeout(run.load.request_timeout_s)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
+        load = _OpenLoop(client, run, scenario, records, read_state, log)
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(load.sample_until(stop))
+        tasks = await load.send_all(bodies)
+        await load.drain(tasks)
+        await asyncio.sleep(scenario.cooldown_s)
+        stop.set()
+        await sampler
+    return load.samples, load.now()
 
-    def now() -> float:
-        return time.perf_counter() - t0
 
-    async def one(r: RequestRecord, body: dict[str, Any]) -> None:
-        nonlocal in_flight
-        in_flight += 1
-        r.sent_s = now()
+class _OpenLoop:
+    """One run's client side: the clock, the requests in flight, the samples."""
+
+    def __init__(
+        self,
+        client: Any,
+        run: Run,
+        scenario: Scenario,
+        records: list[RequestRecord],
+        read_state: Callable[[], Any],
+        log: Log,
+    ) -> None:
+        self.client, self.run, self.scenario, self.records = client, run, scenario, records
+        self.read_state, self.log = read_state, log
+        self.samples: list[Sample] = []
+        self.in_flight = 0
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    async def send_all(self, bodies: list[dict[str, Any]]) -> list[asyncio.Task]:
+        """Each request at its scheduled time (open loop: never waits for replies), then the rest
+        of the load's duration."""
+        tasks = []
+        for r, body in zip(self.records, bodies, strict=True):
+            delay = r.scheduled_s - self.now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(self.send(r, body)))
+        await asyncio.sleep(max(0.0, self.run.load.duration_s - self.now()))
+        return tasks
+
+    async def send(self, r: RequestRecord, body: dict[str, Any]) -> None:
+        from cluster.serving.bench_serve import stream_completion
+
+        self.in_flight += 1
+        r.sent_s = self.now()
         try:
-            result = await stream_completion(client, "/v1/completions", body)
+            result = await stream_completion(self.client, "/v1/completions", body)
         finally:
-            in_flight -= 1
+            self.in_flight -= 1
         r.ok, r.error, r.output_tokens = result.ok, result.error, result.output_tokens
         if result.ttft_s:
             r.first_token_s = r.sent_s + result.ttft_s
-        r.finished_s = r.sent_s + result.latency_s if result.ok else now()
+        r.finished_s = r.sent_s + result.latency_s if result.ok else self.now()
 
-    async def sample_until(stop: asyncio.Event) -> None:
+    async def drain(self, tasks: list[asyncio.Task]) -> None:
+        """Wait for the replies; those missing after `drain_timeout_s` are cancelled as failures."""
+        if not tasks:
+            return
+        limit = self.scenario.drain_timeout_s
+        _, pending = await asyncio.wait(tasks, timeout=limit)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for r in self.records:
+            if not r.ok and not r.error:
+                r.error = f"no reply within drain_timeout_s={limit:g} after the load"
+
+    async def sample_until(self, stop: asyncio.Event) -> None:
+        """A sample every `sample_interval_s` (and a progress line every 5 s) until `stop`."""
         next_log = 0.0
         while True:
-            t = now()
-            replicas, engines = await read_state()
-            s = Sample(t, replicas.get("RUNNING", 0), replicas.get("STARTING", 0), in_flight, engines)
-            samples.append(s)
+            t = self.now()
+            replicas, engines = await self.read_state()
+            s = Sample(t, replicas.get("RUNNING", 0), replicas.get("STARTING", 0), self.in_flight, engines)
+            self.samples.append(s)
             if t >= next_log:
                 next_log = t + 5.0
-                log(_progress(run.name, s, records))
+                self.log(_progress(self.run.name, s, self.records))
+            wait = max(0.0, self.scenario.sample_interval_s - (self.now() - t))
             try:
-                wait = max(0.0, scenario.sample_interval_s - (now() - t))
                 await asyncio.wait_for(stop.wait(), timeout=wait)
                 return
             except TimeoutError:
                 pass
-
-    timeout = httpx.Timeout(run.load.request_timeout_s)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    stop = asyncio.Event()
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
-        sampler = asyncio.create_task(sample_until(stop))
-        tasks = []
-        for r, body in zip(records, bodies, strict=True):
-            delay = r.scheduled_s - now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(r, body)))
-        if now() < run.load.duration_s:
-            await asyncio.sleep(run.load.duration_s - now())
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=scenario.drain_timeout_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            for r in records:
-                if not r.ok and not r.error:
-                    r.error = f"no reply within drain_timeout_s={scenario.drain_timeout_s:g} after the load"
-        if scenario.cooldown_s:
-            await asyncio.sleep(scenario.cooldown_s)
-        stop.set()
-        await sampler
-    return samples, now()
 
 
 def _progress(name: str, s: Sample, records: list[RequestRecord]) -> str:
@@ -305,6 +331,7 @@ class Deployer:
             ) from e
         if listed != config.model_name:
             raise RuntimeError(f"{self.base_url} serves {listed!r}, not {config.model_name!r}")
+        self.engine_handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=APP_NAME)
         return listed, time.perf_counter() - start
 
     async def read_state(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
@@ -315,9 +342,10 @@ class Deployer:
         app = status.applications.get(APP_NAME)
         dep = app.deployments.get(ENGINE_DEPLOYMENT) if app else None
         replicas = {str(k): int(v) for k, v in (dep.replica_states.items() if dep else [])}
-        handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=APP_NAME)
         try:
-            results = await handle.broadcast("metrics").results_async(timeout_s=5.0, return_exceptions=True)
+            results = await self.engine_handle.broadcast("metrics").results_async(
+                timeout_s=5.0, return_exceptions=True
+            )
         except Exception:  # replicas coming and going: a missing sample, not a failed experiment
             results = []
         return replicas, [r for r in results if isinstance(r, dict)]
@@ -373,7 +401,7 @@ def run_scenario(
                 model_dir = default_dir
             records = draw_requests(run, scenario.seed)
             check_context(records, ModelConfig.from_file(Path(model_dir)).max_position_embeddings, run)
-            log(f"[{i + 1}/{len(runs)}] {run.name}: deploying ({_describe_app(run)})")
+            log(f"[{i + 1}/{len(runs)}] {run.name}: deploying ({run.describe()})")
             model, deploy_s = deployer.deploy(run, model_dir)
             log(
                 f"[{i + 1}/{len(runs)}] {run.name}: ready in {deploy_s:.1f} s; offering "
@@ -392,24 +420,6 @@ def run_scenario(
     finally:
         deployer.close()
     return results
-
-
-def _describe_app(run: Run) -> str:
-    a = run.app
-    scale = a.autoscaling
-    replicas = (
-        f"{scale.min_replicas} engine replica(s)"
-        if scale.min_replicas == scale.max_replicas
-        else f"{scale.min_replicas}-{scale.max_replicas} engine replicas, "
-        f"target {scale.target_ongoing_requests:g} ongoing"
-    )
-    experts = (
-        "single-process engine"
-        if a.expert_workers == 0
-        else f"{a.attention_workers} attention + {a.expert_workers} expert workers, "
-        f"{a.redundant_slots} redundant slots, rebalancing {'on' if a.rebalance.enabled else 'off'}"
-    )
-    return f"{replicas}; {experts}"
 
 
 def _scenario_yaml(scenario: Scenario) -> str:

@@ -25,6 +25,7 @@ of both (a deep merge) and runs as its own deployment, one after another. Exampl
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,14 +151,16 @@ class Scenario(BaseModel):
         return out
 
 
+@dataclass(frozen=True)
 class Run:
     """One variant, ready to deploy: the application's arguments and the load."""
 
-    def __init__(self, name: str, app: ServeAppConfig, load: LoadArgs) -> None:
-        self.name, self.app, self.load = name, app, load
+    name: str
+    app: ServeAppConfig
+    load: LoadArgs
 
-    def __repr__(self) -> str:
-        return f"Run({self.name!r})"
+    def describe(self) -> str:
+        return f"{self.app.autoscaling.describe()}; {self.app.layout()}"
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

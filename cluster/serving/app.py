@@ -60,6 +60,15 @@ class AutoscalingArgs(BaseModel):
     metrics_interval_s: float | None = Field(None, gt=0)
     look_back_period_s: float | None = Field(None, gt=0)
 
+    def describe(self) -> str:
+        """`1 engine replica` or `1-2 engine replicas (target 4 ongoing requests)`."""
+        if self.min_replicas == self.max_replicas:
+            return f"{self.min_replicas} engine replica" + ("s" if self.min_replicas > 1 else "")
+        return (
+            f"{self.min_replicas}-{self.max_replicas} engine replicas "
+            f"(target {self.target_ongoing_requests:g} ongoing requests)"
+        )
+
     @model_validator(mode="after")
     def _order(self) -> "AutoscalingArgs":
         if self.max_replicas < self.min_replicas:
@@ -124,6 +133,16 @@ class ServeAppConfig(BaseModel):
         self.engine.to_config()  # EngineConfig's own checks (dtype, ...)
         self.cluster_config()
         return self
+
+    def layout(self) -> str:
+        """One engine replica's workers, in words (what `serve` and `experiment` print)."""
+        if self.expert_workers == 0:
+            return "single-process engine"
+        return (
+            f"{self.attention_workers} attention + {self.expert_workers} expert workers, "
+            f"{self.redundant_slots} redundant slots per worker, "
+            f"rebalancing {'on' if self.rebalance.enabled else 'off'}"
+        )
 
     @property
     def model_name(self) -> str:

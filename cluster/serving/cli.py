@@ -156,15 +156,8 @@ def _shutdown(serve: Any, ray: Any) -> None:
 def _print_where(args: argparse.Namespace, config: Any) -> None:
     from cluster.serving.app import APP_NAME
 
-    layout = (
-        "single-process engine"
-        if args.expert_workers == 0
-        else f"{args.attention_workers} attention + {args.expert_workers} expert workers"
-        + (f", {args.redundant_slots} redundant slots per worker" if args.redundant_slots else "")
-        + (", rebalancing hot experts" if args.rebalance else "")
-    )
     print(
-        f"llama4-ep is serving {config.model_name!r} ({layout}) from {config.model}\n"
+        f"llama4-ep is serving {config.model_name!r} ({config.layout()}) from {config.model}\n"
         f"  HTTP  http://{args.host}:{args.http_port}/v1  (OpenAI-compatible; also /health, /metrics)\n"
         f"  gRPC  {args.host}:{args.grpc_port}  (llama4_ep.Llama4EP; metadata application={APP_NAME})\n"
         "Ctrl-C stops it.",
