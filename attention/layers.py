@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cluster.config import ModelConfig
+from model.config import ModelConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

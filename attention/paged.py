@@ -2,7 +2,7 @@
 
 One pool of blocks serves every layer: a block holds `block_size` positions of K and V for one
 layer of one sequence. Block tables (per sequence, per layer) come from the KV cache manager
-(`attention.kv_cache`), which frees chunked layers' blocks that fall behind the current chunk.
+(`engine.kv_cache`), which frees chunked layers' blocks that fall behind the current chunk.
 """
 
 from __future__ import annotations

@@ -1,268 +1,279 @@
-"""The engine: scheduler -> decoder -> sampler, one step at a time.
+"""The disaggregated engine: M attention workers and N expert workers on Ray.
 
-`EngineCore` is one data-parallel rank: its own scheduler, paged KV cache, decoder and sampler.
-With `LocalExperts` it is the whole single-process (colocated) engine; inside an attention
-worker it runs with the all-to-all dispatcher as its MoE backend. `LLMEngine` is the
-single-process front: add requests, step, collect outputs.
+The driver holds no model state. Each step it makes one Ray call per attention worker (new
+requests, cancellations) and gathers the token ids they sampled; expert workers run their own
+loop driven by the header attention rank 0 broadcasts, so they get no Ray call per step.
+Requests go to the attention rank with the fewest unfinished requests.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
+import ray
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from attention.kv_cache import KVCacheManager
-from attention.model import Llama4Decoder, MoEBackend, load_non_expert_weights
-from attention.paged import KVPool, SeqChunk, build_batch
-from cluster.checkpoint import CheckpointReader, parse_dtype
-from cluster.config import ModelConfig
-from cluster.request import FinishReason, Request, SamplingParams
-from cluster.sampling import make_generator, sample
-from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
+from cluster.attention_worker import AttentionWorker, StepInput, StepResult
+from cluster.config import ClusterConfig
+from cluster.expert_worker import ExpertWorker
+from cluster.placement_groups import bundles_in, reserve
+from cluster.rebalancer import Rebalancer
+from engine.core import EngineConfig, RequestOutput
+from engine.data_parallel import least_loaded_rank
+from engine.protocol import Completion, generate
+from engine.request import FinishReason, Request, SamplingParams
+from model.config import ModelConfig
 
-
-@dataclass(frozen=True)
-class EngineConfig:
-    num_kv_blocks: int = 4096  # per rank, shared by all layers
-    block_size: int = 16
-    max_num_seqs: int = 64
-    token_budget: int = 512
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        for name in ("num_kv_blocks", "block_size", "max_num_seqs", "token_budget"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        parse_dtype(self.dtype)
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request (streamed to the client)."""
-
-    request_id: str
-    new_token_ids: tuple[int, ...]
-    finished: bool
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_output_tokens: int
+class RequestRejected(ValueError):
+    def __init__(self, request_id: str, reason: str) -> None:
+        super().__init__(reason)
+        self.request_id = request_id
 
 
-@dataclass
-class _StopStrings:
-    detok: IncrementalDetokenizer
-    stop: tuple[str, ...]
-
-
-class EngineCore:
-    """One data-parallel rank: everything but the routed experts, plus a MoE backend."""
+class ClusterEngine:
+    """The `engine.protocol.Engine` verbs over Ray workers: add, abort, step, has_unfinished,
+    metrics, stats, close."""
 
     def __init__(
         self,
-        cfg: ModelConfig,
-        decoder: Llama4Decoder,
-        engine_cfg: EngineConfig,
-        tokenizer: Tokenizer | None = None,
+        model_dir: str | Path,
+        cluster: ClusterConfig,
+        engine_cfg: EngineConfig | None = None,
+        address: str | None = None,
+        placement_group: PlacementGroup | None = None,
+        bundle_offset: int = 0,
     ) -> None:
-        self.cfg = cfg
-        self.decoder = decoder
-        self.engine_cfg = engine_cfg
-        self.tokenizer = tokenizer
-        dtype = parse_dtype(engine_cfg.dtype)
-        self.pool = KVPool(
-            engine_cfg.num_kv_blocks, engine_cfg.block_size, cfg.num_key_value_heads, cfg.head_dim, dtype
-        )
-        chunked = [cfg.is_chunked(i) for i in range(cfg.num_hidden_layers)]
-        self.kv = KVCacheManager(
-            engine_cfg.num_kv_blocks,
-            engine_cfg.block_size,
-            chunked,
-            cfg.attention_chunk_size,
-            self.pool.bytes_per_block,
-        )
-        self.scheduler = Scheduler(SchedulerConfig(engine_cfg.max_num_seqs, engine_cfg.token_budget), self.kv)
-        self._generators: dict[str, torch.Generator] = {}
-        self._stops: dict[str, _StopStrings] = {}
-        self._requests: dict[str, Request] = {}
-
-    def add_request(self, request: Request) -> None:
-        limit = self.cfg.max_position_embeddings
-        if request.num_tokens + request.params.max_tokens > limit:
-            raise ValueError(
-                f"request {request.request_id!r}: prompt ({request.num_tokens} tokens) plus max_tokens "
-                f"({request.params.max_tokens}) exceeds the context length {limit}"
-            )
-        self.scheduler.add(request)
-        self._requests[request.request_id] = request
-        self._generators[request.request_id] = make_generator(request.params.seed)
-        if request.params.stop:
-            if self.tokenizer is None:
-                raise ValueError("stop strings need a tokenizer")
-            self._stops[request.request_id] = _StopStrings(
-                IncrementalDetokenizer(self.tokenizer), request.params.stop
-            )
-
-    def abort(self, request_id: str) -> RequestOutput | None:
-        request = self.scheduler.abort(request_id)
-        if request is None:
-            return None
-        self._forget(request_id)
-        return _output(request, ())
-
-    @property
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
-
-    def metrics(self) -> dict:
-        """Gauges for /metrics: requests and KV blocks of this rank."""
-        usage = self.kv.usage()
-        return {
-            "num_running": self.scheduler.num_running,
-            "num_waiting": self.scheduler.num_waiting,
-            "kv_blocks_used": usage.blocks_used,
-            "kv_blocks_total": usage.blocks_total,
-            "kv_bytes_used": usage.bytes_used,
-        }
-
-    def step(self, run_empty: bool = False) -> list[RequestOutput]:
-        """Schedule, run the decoder over the scheduled chunks, sample, update. With `run_empty`
-        the decoder runs even with no tokens (a lock-step rank must join every exchange)."""
-        sched = self.scheduler.schedule()
-        if not sched.chunks and not run_empty:
-            return []
-        sampled = self._execute(sched)
-        before = {c.request_id: len(self._requests[c.request_id].output_token_ids) for c in sched.chunks}
-        outputs = []
-        for request in self.scheduler.update(sched, sampled):
-            new = tuple(request.output_token_ids[before.get(request.request_id, 0) :])
-            self._check_stop_strings(request, new)
-            outputs.append(_output(request, new))
-            if request.is_finished:
-                self._forget(request.request_id)
-        return outputs
-
-    def _execute(self, sched: SchedulerOutput) -> dict[str, int]:
-        chunks = [SeqChunk(c.request_id, c.token_ids, c.start_pos) for c in sched.chunks]
-        batch = build_batch(
-            chunks,
-            self.kv.block_table,
-            self._key_start,
-            self.cfg.num_hidden_layers,
-            self.engine_cfg.block_size,
-        )
-        hidden = self.decoder.forward(batch, self.pool)
-        rows = [i for i, c in enumerate(sched.chunks) if c.sample]
-        if not rows:
-            return {}
-        logits = self.decoder.logits(hidden[batch.last_token_index[rows]])
-        ids = [sched.chunks[i].request_id for i in rows]
-        tokens = sample(logits, [self._requests[r].params for r in ids], [self._generators[r] for r in ids])
-        return dict(zip(ids, tokens, strict=True))
-
-    def _key_start(self, layer_idx: int, start_pos: int) -> int:
-        if not self.cfg.is_chunked(layer_idx):
-            return 0
-        chunk = self.cfg.attention_chunk_size
-        return (start_pos // chunk) * chunk
-
-    def _check_stop_strings(self, request: Request, new: tuple[int, ...]) -> None:
-        stops = self._stops.get(request.request_id)
-        if stops is None or request.is_finished or not new:
-            return
-        stops.detok.add(new)
-        if any(s in stops.detok.text for s in stops.stop):
-            self.scheduler.finish(request.request_id, FinishReason.STOP)
-
-    def _forget(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
-        self._stops.pop(request_id, None)
-        self._requests.pop(request_id, None)
-
-
-def _output(request: Request, new: tuple[int, ...]) -> RequestOutput:
-    return RequestOutput(
-        request.request_id,
-        new,
-        request.is_finished,
-        request.finish_reason,
-        len(request.prompt_token_ids),
-        len(request.output_token_ids),
-    )
-
-
-def build_local_core(
-    model_dir: str | Path, engine_cfg: EngineConfig | None = None, experts: MoEBackend | None = None
-) -> EngineCore:
-    """A colocated engine core from a checkpoint directory (experts local unless given)."""
-    from experts.slots import LocalExperts
-
-    engine_cfg = engine_cfg or EngineConfig()
-    dtype = parse_dtype(engine_cfg.dtype)
-    with CheckpointReader(model_dir) as reader:
-        weights = load_non_expert_weights(reader, dtype)
-        experts = experts or LocalExperts.from_checkpoint(reader, dtype)
-        cfg = reader.config
-    decoder = Llama4Decoder(cfg, weights, experts)
-    return EngineCore(cfg, decoder, engine_cfg, Tokenizer(model_dir))
-
-
-@dataclass
-class Completion:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-
-
-class LLMEngine:
-    """Single-process front: submit prompts, step until done."""
-
-    def __init__(self, core: EngineCore) -> None:
-        self.core = core
+        """`placement_group`: reserve the workers in an existing group (bundles `bundle_offset`,
+        `bundle_offset + 1`, ...: attention ranks first, then expert workers), e.g. a Ray Serve
+        replica's own group whose bundle 0 holds the replica. The group stays its owner's. Without
+        it the engine makes (and later removes) a group of its own."""
+        self.model_dir = str(model_dir)
+        self.cluster = cluster
+        self.engine_cfg = engine_cfg or EngineConfig()
+        self.model_cfg = ModelConfig.from_file(self.model_dir)
+        self.layout, self.placement = cluster.plan(self.model_cfg)
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        self._pg = None  # the group this engine made (and removes)
+        self._given_pg = placement_group
+        self._bundle_offset = bundle_offset
+        self._loops: list[ray.ObjectRef] = []
+        self.attention: list = []
+        self.experts: list = []
         self._ids = itertools.count()
+        self._step_ids = itertools.count()
+        self._pending: list[list[Request]] = [[] for _ in range(cluster.num_attention_workers)]
+        self._aborts: list[list[str]] = [[] for _ in range(cluster.num_attention_workers)]
+        self._owner: dict[str, int] = {}
+        self.last_results: list[StepResult] = []
+        self.rebalancer: Rebalancer | None = None
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
 
-    @classmethod
-    def from_checkpoint(cls, model_dir: str | Path, engine_cfg: EngineConfig | None = None) -> LLMEngine:
-        return cls(build_local_core(model_dir, engine_cfg))
+    def _reserve(self) -> tuple[PlacementGroup, int, list[dict[str, float]]]:
+        """The group, the index of the first worker's bundle, and the workers' bundle specs."""
+        if self._given_pg is not None:
+            specs = bundles_in(self._given_pg, self._bundle_offset, self.cluster.num_workers)
+            return self._given_pg, self._bundle_offset, specs
+        self._pg, specs = reserve(self.cluster)
+        return self._pg, 0, specs
+
+    def _start(self) -> None:
+        c = self.cluster
+        pg, offset, specs = self._reserve()
+
+        def options(i: int) -> dict:
+            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=offset + i)
+            return {
+                "scheduling_strategy": strategy,
+                "num_cpus": specs[i].get("CPU", 0),
+                "num_gpus": specs[i].get("GPU", 0),
+            }
+
+        attn_cls, expert_cls = ray.remote(AttentionWorker), ray.remote(ExpertWorker)
+        m = c.num_attention_workers
+        self.attention = [
+            attn_cls.options(**options(r)).remote(
+                self.model_dir, r, self.layout, self.placement, self.engine_cfg, c.device
+            )
+            for r in range(m)
+        ]
+        self.experts = [
+            # two threads: the step loop blocks one; stats and control calls use the other
+            expert_cls.options(max_concurrency=2, **options(m + w)).remote(
+                self.model_dir, w, self.layout, self.placement, self.engine_cfg.dtype, c.device
+            )
+            for w in range(c.num_expert_workers)
+        ]
+        workers = self.attention + self.experts
+        master = ray.get(self.attention[0].address.remote())
+        ray.get([w.join.remote(master, self.layout.world_size) for w in workers])
+        self._loops = [e.run_loop.remote() for e in self.experts]
+        self.rebalancer = Rebalancer(self.placement, c.rebalance, self.experts)
+
+    # -- requests -------------------------------------------------------------------------
 
     def add(
         self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> str:
         request_id = request_id or f"req-{next(self._ids)}"
-        self.core.add_request(Request(request_id, list(prompt_token_ids), params))
+        if request_id in self._owner:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, list(prompt_token_ids), params)
+        limit = self.model_cfg.max_position_embeddings
+        if request.num_tokens + params.max_tokens > limit:
+            raise ValueError(
+                f"prompt ({request.num_tokens} tokens) plus max_tokens ({params.max_tokens}) "
+                f"exceeds the context length {limit}"
+            )
+        counts = [0] * len(self.attention)
+        for owner in self._owner.values():
+            counts[owner] += 1
+        rank = least_loaded_rank(counts)
+        self._owner[request_id] = rank
+        self._pending[rank].append(request)
         return request_id
 
     def abort(self, request_id: str) -> None:
-        self.core.abort(request_id)
-
-    def step(self) -> list[RequestOutput]:
-        return self.core.step()
+        """Forget the request now; its rank frees its blocks at the next step."""
+        rank = self._owner.pop(request_id, None)
+        if rank is None:
+            return
+        pending = self._pending[rank]
+        kept = [r for r in pending if r.request_id != request_id]
+        if len(kept) == len(pending):
+            self._aborts[rank].append(request_id)  # already on the worker
+        else:
+            self._pending[rank] = kept
 
     @property
     def has_unfinished(self) -> bool:
-        return self.core.has_unfinished
+        return bool(self._owner) or any(self._aborts)
 
-    def metrics(self) -> dict:
-        return self.core.metrics()
+    def step(self) -> list[RequestOutput]:
+        """One lock-step over all attention workers (and, through them, the expert workers)."""
+        if not self._owner and not any(self._aborts):
+            return []
+        step_id = next(self._step_ids)
+        placement = self.rebalancer.before_step() if self.rebalancer else None
+        if placement is not None:
+            self.placement = placement
+        inputs = [
+            StepInput(step_id, tuple(self._pending[r]), tuple(self._aborts[r]), placement)
+            for r in range(len(self.attention))
+        ]
+        self._pending = [[] for _ in self.attention]
+        self._aborts = [[] for _ in self.attention]
+        self.last_results = self._gather(
+            [w.step.remote(i) for w, i in zip(self.attention, inputs, strict=True)]
+        )
+        if self.rebalancer is not None:
+            self.rebalancer.after_step(step_id, self.last_results)
+        outputs = []
+        for result in self.last_results:
+            for request_id, reason in result.rejected:
+                self._owner.pop(request_id, None)
+                outputs.append(RequestOutput(request_id, (), True, FinishReason.ABORT, 0, 0))
+                log.warning("request %s rejected: %s", request_id, reason)
+            for out in result.outputs:
+                if out.request_id not in self._owner:
+                    continue  # aborted while this step ran
+                outputs.append(out)
+                if out.finished:
+                    self._owner.pop(out.request_id, None)
+        return outputs
+
+    def metrics(self) -> dict[str, Any]:
+        """Gauges summed over attention ranks, as of the last step."""
+        r = self.last_results
+        figures = {
+            "num_running": sum(x.num_running for x in r),
+            "num_waiting": sum(x.num_waiting for x in r),
+            "kv_blocks_used": sum(x.kv_blocks_used for x in r),
+            "kv_blocks_total": sum(x.kv_blocks_total for x in r),
+        }
+        if self.rebalancer is not None:
+            figures["tokens_per_expert_worker"] = self.rebalancer.tokens_per_worker.tolist()
+            figures["balancing"] = self.rebalancer.latest_metrics
+        return figures
+
+    def _gather(self, refs: list[ray.ObjectRef]) -> list:
+        """The step's results; if an expert loop ends meanwhile (a dead worker), raise instead of
+        waiting forever on a collective that can no longer complete."""
+        while True:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+            if len(ready) == len(refs):
+                return ray.get(refs)
+            ended, _ = ray.wait(self._loops, timeout=0)
+            if ended:
+                ray.get(ended)  # raises the worker's error, if it died
+                raise RuntimeError("an expert worker left its step loop; the cluster cannot step")
 
     def generate(
-        self, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[Completion]:
-        """Run a batch of prompts to completion; results in prompt order."""
-        prompts = [list(p) for p in prompts]
-        per = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        results = {}
-        for p, sp in zip(prompts, per, strict=True):
-            rid = self.add(p, sp)
-            results[rid] = Completion(rid, p)
-        while self.core.has_unfinished:
-            for out in self.step():
-                c = results[out.request_id]
-                c.token_ids.extend(out.new_token_ids)
-                c.finish_reason = out.finish_reason
-        return list(results.values())
+        return generate(self, prompts, params)
+
+    def load_routers(self, model_dir: str | Path) -> None:
+        """Every attention rank swaps in another checkpoint's router weights between two steps
+        (experiments: move the hot experts mid-run). Expert weights stay as they are."""
+        ray.get([w.load_routers.remote(str(model_dir)) for w in self.attention])
+
+    # -- inspection and shutdown -----------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "attention": ray.get([w.stats.remote() for w in self.attention]),
+            "experts": ray.get([w.stats.remote() for w in self.experts]),
+        }
+
+    def close(self) -> None:
+        """Stop the expert loops, kill every actor, free the placement group (and Ray, if we started it)."""
+        try:
+            if self._loops:
+                ray.get([w.stop_experts.remote() for w in self.attention], timeout=20)
+                ray.get(self._loops, timeout=20)
+        except Exception as e:  # a dead worker must not keep the rest alive
+            log.warning("clean stop failed (%s); killing the workers", e)
+        self._loops = []
+        for actor in self.attention + self.experts:
+            ray.kill(actor)
+        if self.rebalancer is not None:
+            ray.kill(self.rebalancer.service)
+            self.rebalancer = None
+        self.attention, self.experts = [], []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def __enter__(self) -> ClusterEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def generate_on_cluster(
+    model_dir: Path,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    engine_cfg: EngineConfig,
+    cluster: ClusterConfig,
+    address: str | None,
+) -> list[Completion]:
+    with ClusterEngine(model_dir, cluster, engine_cfg, address) as engine:
+        return engine.generate(prompts, params)

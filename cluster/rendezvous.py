@@ -10,6 +10,7 @@ import datetime
 import os
 import socket
 
+import ray
 import torch
 import torch.distributed as dist
 
@@ -28,8 +29,6 @@ def check_device(device: str) -> str:
 
 def free_address() -> tuple[str, int]:
     """This node's IP and a port that is free right now."""
-    import ray
-
     ip = ray.util.get_node_ip_address()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))

@@ -1,14 +1,23 @@
-"""Expert slots: the routed-expert weights one process holds, and the colocated backend."""
+"""Expert slots: the routed-expert weights one process holds, their staging and the colocated backend.
+
+A slot holds one replica of one logical expert. `ExpertSlots` is an expert worker's store: the
+slots of every MoE layer, loaded from the checkpoint for one placement map, plus weights staged
+for the next map and swapped in between two steps. `LocalExperts` is the colocated MoE backend:
+every expert in this process, one slot each.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from cluster.checkpoint import CheckpointReader
 from experts.swiglu import grouped_swiglu
+from model.checkpoint import CheckpointReader
+from router.placement import Placement
 
 
 @dataclass
@@ -22,6 +31,11 @@ class LayerSlots:
 
     def replace(self, slot: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         self.gate_up[slot], self.down[slot], self.slot_to_expert[slot] = gate_up, down, expert
+
+    def to(self, device: torch.device) -> LayerSlots:
+        return LayerSlots(
+            [t.to(device) for t in self.gate_up], [t.to(device) for t in self.down], self.slot_to_expert
+        )
 
 
 def load_slots(
@@ -38,6 +52,76 @@ def load_slots(
     return out
 
 
+# staged weights of one placement version: moe layer index -> {local slot: (expert, gate_up, down)}
+Staged = dict[int, dict[int, tuple[int, torch.Tensor, torch.Tensor]]]
+
+
+class ExpertSlots:
+    """One expert worker's slots over all MoE layers (`layers[moe_idx]`), and staged changes.
+
+    `stage` may run on another thread while the step loop serves from `layers`; `switch` runs on
+    the loop's thread between two steps, so a step always sees one placement version."""
+
+    def __init__(
+        self, model_dir: str | Path, layers: list[LayerSlots], dtype: torch.dtype, version: int
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.layers = layers
+        self.dtype = dtype
+        self.version = version
+        self._staged: dict[int, Staged] = {}
+
+    @classmethod
+    def load(
+        cls, model_dir: str | Path, placement: Placement, worker_idx: int, dtype: torch.dtype
+    ) -> tuple[ExpertSlots, int]:
+        """The worker's slots under `placement`, read from the checkpoint; also the bytes read."""
+        with CheckpointReader(Path(model_dir)) as reader:
+            cfg = reader.config
+            wanted = {
+                layer: placement.experts_on_worker(m, worker_idx) for m, layer in enumerate(cfg.moe_layers)
+            }
+            layers = list(load_slots(reader, wanted, dtype).values())
+            bytes_read = reader.bytes_read
+        return cls(model_dir, layers, dtype, placement.version), bytes_read
+
+    def to(self, device: torch.device) -> None:
+        self.layers = [layer.to(device) for layer in self.layers]
+
+    def experts_per_layer(self) -> list[list[int]]:
+        return [list(layer.slot_to_expert) for layer in self.layers]
+
+    def stage(self, version: int, changes: Mapping[int, Mapping[int, int]], device: torch.device) -> float:
+        """Load the weights of a coming placement (moe layer index -> {local slot: logical
+        expert}) onto `device`, beside the live ones; returns the seconds it took."""
+        t0 = time.perf_counter()
+        staged: Staged = {}
+        with CheckpointReader(self.model_dir) as reader:
+            for moe_idx, slot_to_expert in changes.items():
+                layer_idx = reader.config.moe_layers[moe_idx]
+                w = reader.expert_rows(layer_idx, list(slot_to_expert.values()), self.dtype)
+                staged[moe_idx] = {
+                    slot: (expert, w.gate_up[i].clone().to(device), w.down[i].clone().to(device))
+                    for i, (slot, expert) in enumerate(slot_to_expert.items())
+                }
+        self._staged[version] = staged
+        return time.perf_counter() - t0
+
+    def is_staged(self, version: int) -> bool:
+        return version in self._staged
+
+    def switch(self, version: int) -> None:
+        """Swap the staged slots of `version` in (pointer swaps); retired weights are freed, and so
+        is anything staged for older versions."""
+        if version not in self._staged:
+            raise RuntimeError(f"placement version {version} was never staged")
+        for moe_idx, slots in self._staged.pop(version).items():
+            for slot, (expert, gate_up, down) in slots.items():
+                self.layers[moe_idx].replace(slot, expert, gate_up, down)
+        self._staged = {v: s for v, s in self._staged.items() if v > version}
+        self.version = version
+
+
 class _Done:
     def __init__(self, out: torch.Tensor) -> None:
         self._out = out
@@ -51,7 +135,8 @@ class LocalExperts:
 
     def __init__(self, slots: dict[int, LayerSlots]) -> None:
         self.slots = slots
-        self.rows_per_expert: dict[int, torch.Tensor] = {}  # layer -> [E] rows computed (load stats)
+        self.rows_per_layer: dict[int, int] = {}  # moe layer index -> rows computed (stats)
+        self._moe_index = {layer: m for m, layer in enumerate(sorted(slots))}
 
     @classmethod
     def from_checkpoint(cls, reader: CheckpointReader, dtype: torch.dtype) -> LocalExperts:
@@ -61,5 +146,7 @@ class LocalExperts:
 
     def dispatch(self, layer_idx: int, routed_in: torch.Tensor, expert_idx: torch.Tensor) -> _Done:
         s = self.slots[layer_idx]
+        m = self._moe_index[layer_idx]
+        self.rows_per_layer[m] = self.rows_per_layer.get(m, 0) + routed_in.shape[0]
         # identity map: slot e holds logical expert e
         return _Done(grouped_swiglu(routed_in, expert_idx, s.gate_up, s.down))

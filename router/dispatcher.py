@@ -1,15 +1,15 @@
 """The all-to-all token dispatcher between attention ranks and expert ranks.
 
-World layout: attention ranks 0..M-1 (data parallel), expert ranks M..M+N-1 (expert worker w is
-rank M + w). Every rank joins every exchange, in the same order, once per MoE layer:
+World layout (`router.layout.RankLayout`): attention ranks 0..M-1 (data parallel), expert ranks
+M..M+N-1. Every rank joins every exchange, in the same order, once per MoE layer:
 
 1. counts: each rank sends, for every (destination rank, local slot), how many rows it routes
    there: an int64 tensor [world * S]. Expert ranks send zeros. Rows are sorted by (destination,
    slot), so the receiver derives each row's slot from the counts alone; no per-row metadata.
 2. rows: the routed rows [n, H] go out with `all_to_all_single` (async on the attention side, so
    the shared expert runs while they travel).
-3. results: expert ranks run SwiGLU per slot and send the rows back the way they came; the
-   attention side restores token order.
+3. results: expert ranks run SwiGLU per slot (`cluster.expert_worker`) and send the rows back
+   the way they came; the attention side restores token order.
 
 Expert ranks are driven by a per-step header [step_id, placement_version, command] that attention
 rank 0 broadcasts before each step.
@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from experts.swiglu import grouped_swiglu
-from router.placement import Placement, choose_replica
+from router.layout import RankLayout
+from router.placement import Placement
+from router.routing import ReplicaTable
 
 
 class Command(enum.IntEnum):
@@ -45,22 +46,6 @@ class Header:
     def from_tensor(cls, t: torch.Tensor) -> Header:
         step_id, version, command = t.tolist()
         return cls(step_id, version, Command(command))
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Ranks of the world: M attention ranks first, then N expert ranks with S slots each."""
-
-    num_attention: int
-    num_experts_workers: int
-    slots_per_worker: int
-
-    @property
-    def world_size(self) -> int:
-        return self.num_attention + self.num_experts_workers
-
-    def expert_rank(self, worker_idx: int) -> int:
-        return self.num_attention + worker_idx
 
 
 @dataclass
@@ -111,30 +96,47 @@ class PendingRows:
         return out
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where one MoE layer's rows go: rows sorted by destination key (`order` int64 [T]), the
+    rows per key (`counts` int64 [world * S], what is exchanged first) and per rank (`splits`)."""
+
+    order: torch.Tensor
+    counts: torch.Tensor
+    splits: list[int]
+
+
 class AttentionDispatcher:
     """The MoE backend of an attention rank: routes rows to expert ranks by the placement map."""
 
     def __init__(
         self,
-        topology: Topology,
+        layout: RankLayout,
         placement: Placement,
         moe_layers: tuple[int, ...],
         dp_rank: int,
         device: torch.device,
     ) -> None:
-        self.topology = topology
-        self.placement = placement
+        self.layout = layout
         self.moe_index = {layer: i for i, layer in enumerate(moe_layers)}
         self.dp_rank = dp_rank
         self.device = device
         self.step_id = 0
-        self.zero_splits = [0] * topology.world_size
+        self.zero_splits = [0] * layout.world_size
         self.sent = RowCounter()
         self.returned = RowCounter()
         self.current_layer = -1
-        self._forced_for: Placement | None = None
-        self._forced: list[torch.Tensor | None] = []
+        self.placement = placement
         self.reset_load()
+
+    @property
+    def placement(self) -> Placement:
+        return self._replicas.placement
+
+    @placement.setter
+    def placement(self, placement: Placement) -> None:
+        """A new map (between steps: a step uses one version)."""
+        self._replicas = ReplicaTable(placement)
 
     def reset_load(self) -> None:
         """Start a new window of load counts (tokens per logical expert and per physical slot)."""
@@ -148,77 +150,62 @@ class AttentionDispatcher:
         self.reset_load()
         return load
 
+    def route(self, moe_idx: int, expert_idx: torch.Tensor) -> Route:
+        """Each token's destination (world rank, local slot) as key rank * S + slot, by the
+        replica choice of `router.routing`, with this step's offset."""
+        layout = self.layout
+        slot = self._replicas.slots(moe_idx, expert_idx, self.step_id + self.dp_rank)
+        key = slot + layout.first_expert_key
+        counts = torch.bincount(key, minlength=layout.num_keys)
+        splits = counts.view(layout.world_size, layout.slots_per_worker).sum(1).tolist()
+        return Route(torch.argsort(key, stable=True), counts, splits)
+
     def dispatch(self, layer_idx: int, routed_in: torch.Tensor, expert_idx: torch.Tensor) -> PendingRows:
         """routed_in [T, H] (score-scaled), expert_idx [T] logical experts -> rows in flight."""
-        topo, m = self.topology, self.moe_index[layer_idx]
-        key = self._destinations(m, expert_idx)
-        order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=topo.world_size * topo.slots_per_worker)
-        self._count_load(m, expert_idx, counts)
-        dist.all_to_all_single(torch.empty_like(counts), counts.to(self.device))
-        splits = counts.view(topo.world_size, topo.slots_per_worker).sum(1).tolist()
-        rows = routed_in.index_select(0, order)  # a third of advanced indexing's cost on CPU
+        m = self.moe_index[layer_idx]
+        route = self.route(m, expert_idx)
+        self._count_load(m, expert_idx, route.counts)
+        dist.all_to_all_single(torch.empty_like(route.counts), route.counts.to(self.device))
+        rows = routed_in.index_select(0, route.order)  # a third of advanced indexing's cost on CPU
         recv = rows.new_empty((0, rows.shape[1]))
         work = dist.all_to_all_single(
-            recv, rows, output_split_sizes=self.zero_splits, input_split_sizes=splits, async_op=True
+            recv, rows, output_split_sizes=self.zero_splits, input_split_sizes=route.splits, async_op=True
         )
         self.sent.add(m, rows.shape[0])
         self.current_layer = m
-        return PendingRows(self, order, splits, work, rows.shape[0], routed_in)
+        return PendingRows(self, route.order, route.splits, work, rows.shape[0], routed_in)
 
     def _count_load(self, moe_idx: int, expert_idx: torch.Tensor, counts: torch.Tensor) -> None:
-        first_key = self.topology.num_attention * self.topology.slots_per_worker
         self.expert_load[moe_idx] += torch.bincount(expert_idx.cpu(), minlength=self.placement.num_experts)
-        self.slot_load[moe_idx] += counts[first_key:].cpu()  # the keys past the attention ranks are slots
-
-    def _destinations(self, moe_idx: int, expert_idx: torch.Tensor) -> torch.Tensor:
-        """Each token's (world rank, local slot) as one key, rank * S + slot, int64 [T]. Global slot
-        g lives on expert rank M + g // S, so its key is M * S + g."""
-        p = self.placement
-        first_key = self.topology.num_attention * self.topology.slots_per_worker
-        if p is not self._forced_for:  # once per placement map
-            # where every expert of a layer has one replica there is nothing to choose: one lookup
-            single = (p.logcnt == 1).all(dim=1).tolist()
-            self._forced = [p.log2phy[i, :, 0] + first_key if one else None for i, one in enumerate(single)]
-            self._forced_for = p
-        forced = self._forced[moe_idx]
-        if forced is not None:
-            return forced[expert_idx]
-        slot = choose_replica(expert_idx, p.log2phy[moe_idx], p.logcnt[moe_idx], self.step_id + self.dp_rank)
-        return slot + first_key
+        # the keys past the attention ranks are the global slots
+        self.slot_load[moe_idx] += counts[self.layout.first_expert_key :].cpu()
 
 
 class ExpertServer:
-    """The expert-rank side of one exchange: receive rows, SwiGLU per slot, send them back."""
+    """The expert-rank side of one exchange: receive the rows, and send their results back."""
 
     def __init__(
-        self, topology: Topology, hidden_size: int, dtype: torch.dtype, device: torch.device
+        self, layout: RankLayout, hidden_size: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        self.topology = topology
+        self.layout = layout
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.device = device
         self.computed = RowCounter()
         self.rows_per_source: dict[int, int] = {}
-        num_keys = topology.world_size * topology.slots_per_worker
-        self._zeros = torch.zeros(num_keys, dtype=torch.long, device=device)  # what expert ranks send
-        self._slot_of_key = torch.arange(num_keys, device=device) % topology.slots_per_worker
-
-    def serve(self, moe_idx: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        """gate_up [S, H, 2I], down [S, I, H]: this worker's slots of one MoE layer."""
-        rows, local_slot, splits = self.receive()
-        self.send_back(moe_idx, grouped_swiglu(rows, local_slot, gate_up, down), splits)
+        self._zeros = torch.zeros(layout.num_keys, dtype=torch.long, device=device)  # what expert ranks send
+        self._slot_of_key = torch.arange(layout.num_keys, device=device) % layout.slots_per_worker
 
     def receive(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """The counts, then the rows of one exchange: rows [n, H], their local slot int64 [n], and
         the rows per source rank (which `send_back` needs)."""
-        topo = self.topology
+        layout = self.layout
         counts = torch.empty_like(self._zeros)
         dist.all_to_all_single(counts, self._zeros)
-        splits = counts.view(topo.world_size, topo.slots_per_worker).sum(1).tolist()
+        splits = counts.view(layout.world_size, layout.slots_per_worker).sum(1).tolist()
         rows = torch.empty((sum(splits), self.hidden_size), dtype=self.dtype, device=self.device)
         empty = rows.new_empty((0, self.hidden_size))
-        zero_splits = [0] * topo.world_size
+        zero_splits = [0] * layout.world_size
         dist.all_to_all_single(rows, empty, output_split_sizes=splits, input_split_sizes=zero_splits)
         local_slot = torch.repeat_interleave(self._slot_of_key, counts, output_size=rows.shape[0])
         return rows, local_slot, splits
@@ -226,7 +213,7 @@ class ExpertServer:
     def send_back(self, moe_idx: int, out: torch.Tensor, splits: list[int]) -> None:
         """Results [n, H], in the order `receive` gave the rows, back to their source ranks."""
         empty = out.new_empty((0, self.hidden_size))
-        zero_splits = [0] * self.topology.world_size
+        zero_splits = [0] * self.layout.world_size
         dist.all_to_all_single(empty, out, output_split_sizes=zero_splits, input_split_sizes=splits)
         self.computed.add(moe_idx, out.shape[0])
         for src, n in enumerate(splits):

@@ -73,7 +73,7 @@ class Placement:
         logcnt = torch.bincount(flat, minlength=num_layers * num_experts).view(num_layers, num_experts)
         if (logcnt < 1).any():
             raise ValueError("every logical expert needs at least one slot in every layer")
-        rank = _occurrence_rank(flat, num_layers * num_experts).view(num_layers, num_slots)
+        rank = occurrence_rank(flat, num_layers * num_experts).view(num_layers, num_slots)
         log2phy = torch.full((num_layers, num_experts, int(logcnt.max())), -1, dtype=torch.int64)
         slot_idx = torch.arange(num_slots).expand(num_layers, num_slots)
         log2phy[torch.arange(num_layers)[:, None], phy2log.long(), rank] = slot_idx
@@ -215,54 +215,6 @@ def worker_loads(load: torch.Tensor, placement: Placement) -> torch.Tensor:
     return _worker_loads(load, placement.phy2log, placement.num_workers)
 
 
-def balancedness(worker_loads: torch.Tensor) -> torch.Tensor:
-    """mean / max tokens per worker, per layer: float [L, W] -> float64 [L] in (0, 1]; 1 is
-    perfect (and an idle layer counts as perfect)."""
-    loads = _check_worker_loads(worker_loads)
-    peak = loads.amax(dim=1)
-    return torch.where(peak > 0, loads.mean(dim=1) / peak.clamp(min=1e-300), 1.0)
-
-
-def imbalance(worker_loads: torch.Tensor) -> torch.Tensor:
-    """(max - mean) / mean tokens per worker, per layer: float [L, W] -> float64 [L], >= 0;
-    0 is perfect (and an idle layer counts as perfect)."""
-    loads = _check_worker_loads(worker_loads)
-    mean = loads.mean(dim=1)
-    return torch.where(mean > 0, (loads.amax(dim=1) - mean) / mean.clamp(min=1e-300), 0.0)
-
-
-def choose_replica(
-    expert_idx: torch.Tensor,
-    log2phy: torch.Tensor,
-    logcnt: torch.Tensor,
-    offset: int = 0,
-    check_values: bool = True,
-) -> torch.Tensor:
-    """The physical slot for each token of one layer: the k-th token routed to expert e in this
-    batch goes to replica (k + offset) % logcnt[e], so each expert's tokens split within one of
-    even, deterministically. `offset` (e.g. step id + dp_rank) rotates who gets the remainder, so
-    many small decode batches do not all favour replica 0. Runs on the tensors' device with no
-    host sync, except `check_values`, which reads the entries to check their range.
-    expert_idx int [T], log2phy int64 [E, R], logcnt int64 [E] (one layer) -> slot int64 [T]."""
-    if log2phy.dim() != 2 or logcnt.dim() != 1 or log2phy.shape[0] != logcnt.shape[0]:
-        raise ValueError(
-            f"need log2phy [E, R] and logcnt [E], got {list(log2phy.shape)}, {list(logcnt.shape)}"
-        )
-    if expert_idx.dim() != 1 or not all(_is_integer(t) for t in (expert_idx, log2phy, logcnt)):
-        raise ValueError(
-            f"need integer tensors and expert_idx [T], got expert_idx {expert_idx.dtype} "
-            f"{list(expert_idx.shape)}, log2phy {log2phy.dtype}, logcnt {logcnt.dtype}"
-        )
-    num_experts = logcnt.shape[0]
-    if check_values and expert_idx.numel() and (expert_idx.min() < 0 or expert_idx.max() >= num_experts):
-        raise ValueError(f"expert_idx entries must be in [0, {num_experts})")
-    if check_values and (logcnt.min() < 1 or logcnt.max() > log2phy.shape[1]):
-        raise ValueError(f"logcnt entries must be in [1, R = {log2phy.shape[1]}]")
-    expert_idx = expert_idx.long()
-    rank = _occurrence_rank(expert_idx, num_experts)
-    return log2phy[expert_idx, (rank + offset) % logcnt[expert_idx]]
-
-
 def changed_slots(old: Placement, new: Placement) -> torch.Tensor:
     """Which slots must load new weights going from old to new: bool [L, W*S]."""
     if old.phy2log.shape != new.phy2log.shape:
@@ -385,7 +337,7 @@ def _lighter_rows(
     return torch.where((rel_gain >= min_gain)[:, None], candidate, current)
 
 
-def _occurrence_rank(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
+def occurrence_rank(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
     """k for the k-th occurrence (0-based, in index order) of each key: int64 [N] -> int64 [N]."""
     order = torch.argsort(keys, stable=True)
     counts = torch.bincount(keys, minlength=num_keys)
@@ -393,10 +345,6 @@ def _occurrence_rank(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
     rank = torch.empty_like(keys)
     rank[order] = torch.arange(keys.numel(), device=keys.device) - starts[keys[order]]
     return rank
-
-
-def _is_integer(tensor: torch.Tensor) -> bool:
-    return not (tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool)
 
 
 def _check_layout(num_experts: int, num_workers: int, slots_per_worker: int) -> None:
@@ -444,9 +392,3 @@ def _check_previous(previous: Placement | None, shape: torch.Size) -> None:
 def _check_fraction(name: str, value: float) -> None:
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-
-
-def _check_worker_loads(worker_loads: torch.Tensor) -> torch.Tensor:
-    if worker_loads.dim() != 2 or worker_loads.shape[1] < 1:
-        raise ValueError(f"worker_loads must be [L, W] with W >= 1, got {list(worker_loads.shape)}")
-    return worker_loads.to(torch.float64)

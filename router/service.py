@@ -11,28 +11,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
+from router.balance import balance_figures, measured_worker_load
 from router.placement import Placement, rebalance
-
-
-@dataclass(frozen=True)
-class RebalanceConfig:
-    enabled: bool = True
-    window_steps: int = 64  # steps of load the policy sees
-    interval_steps: int = 32  # re-plan at most this often
-    imbalance_threshold: float = 0.25  # re-plan early when (max - mean) / mean exceeds this
-    min_gain: float = 0.05  # keep a layer's map unless the busiest worker gets this much lighter
-    report_every: int = 8  # steps between the engine's load reports
-
-    def __post_init__(self) -> None:
-        for name in ("window_steps", "interval_steps", "report_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"rebalance {name} must be >= 1, got {getattr(self, name)}")
-        if self.imbalance_threshold < 0 or self.min_gain < 0:
-            raise ValueError("rebalance imbalance_threshold and min_gain must be >= 0")
+from router.rebalancing import RebalanceConfig
 
 
 class LoadWindow:
@@ -59,25 +44,6 @@ class LoadWindow:
         return torch.stack([s for _, s in self._steps]).sum(0)
 
 
-def measured_worker_load(slot_load: torch.Tensor, slots_per_worker: int) -> torch.Tensor:
-    """slot_load [L, W*S] -> tokens per expert worker [L, W]."""
-    return slot_load.view(slot_load.shape[0], -1, slots_per_worker).sum(-1)
-
-
-def balance_figures(worker_load: torch.Tensor) -> dict:
-    """Balancedness mean/max per layer and overall (sum of means / sum of maxes: the step's pace
-    is set by each layer's busiest worker), and imbalance (max - mean) / mean."""
-    w = worker_load.double()
-    mean, peak = w.mean(-1), w.amax(-1)
-    per_layer = torch.where(peak > 0, mean / peak.clamp_min(1e-9), torch.ones_like(mean))
-    overall = float(mean.sum() / peak.sum()) if float(peak.sum()) > 0 else 1.0
-    return {
-        "balancedness_per_layer": per_layer.tolist(),
-        "balancedness": overall,
-        "imbalance": (1.0 / overall - 1.0) if overall > 0 else 0.0,
-    }
-
-
 class RouterService:
     def __init__(self, placement: Placement, cfg: RebalanceConfig) -> None:
         self.placement = placement
@@ -88,10 +54,10 @@ class RouterService:
         self.rearrangement_seconds: list[float] = []
         self._planned_at: float | None = None
 
-    def record(self, expert_loads: list, slot_loads: list) -> None:
-        """Batches of per-step counts: lists of [L][E] and [L][W*S]."""
+    def record(self, expert_loads: Sequence[torch.Tensor], slot_loads: Sequence[torch.Tensor]) -> None:
+        """A batch of per-step counts: expert_load int64 [L, E] and slot_load int64 [L, W*S] each."""
         for e, s in zip(expert_loads, slot_loads, strict=True):
-            self.window.add(torch.tensor(e, dtype=torch.long), torch.tensor(s, dtype=torch.long))
+            self.window.add(torch.as_tensor(e, dtype=torch.long), torch.as_tensor(s, dtype=torch.long))
 
     def maybe_replan(self, step_id: int) -> Placement | None:
         """A new placement when one is due and it changes something, else None."""

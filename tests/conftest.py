@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.presets import make_checkpoint
+from model.synthetic import make_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import torch
 @functools.cache
 def hf_model(model_dir: Path):
     """transformers' Llama4ForCausalLM on the same weights (cached per checkpoint)."""
-    from cluster.hf_reference import load_hf_causal_lm
+    from model.hf_reference import load_hf_causal_lm
 
     return load_hf_causal_lm(model_dir)
 

@@ -1,97 +1,105 @@
-"""The single-process engine: greedy equals transformers' generate; sampling, stops, preemption."""
+"""The disaggregated engine on a real local Ray instance with gloo process groups."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
-from cluster.engine import EngineConfig, LLMEngine
-from cluster.request import FinishReason, SamplingParams
-from tests.helpers import hf_greedy, random_prompts
+from cluster.config import ClusterConfig
+from cluster.engine import ClusterEngine
+from engine.core import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.protocol import Engine
+from engine.request import SamplingParams
+from model.config import ModelConfig
+from tests.helpers import random_prompts, run_with_late_arrivals
 
-GREEDY_32 = SamplingParams(max_tokens=32, ignore_eos=True)
+ENGINE = EngineConfig(num_kv_blocks=1024, block_size=4, token_budget=40)
+PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
+# lengths cross the 16-token attention chunks; the budget of 40 splits the long ones
+PROMPTS = random_prompts([37, 5, 21, 50, 12], seed=21)
+LATE = random_prompts([18, 9], seed=22)
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_maverick, tiny_scout):
-    cfg = EngineConfig(num_kv_blocks=1024, block_size=4, token_budget=40)
-    return {p: LLMEngine.from_checkpoint(p, cfg) for p in (tiny_maverick, tiny_scout)}
+def references(tiny_maverick, tiny_scout):
+    out = {}
+    for ckpt in (tiny_maverick, tiny_scout):
+        engine = LLMEngine.from_checkpoint(ckpt, ENGINE)
+        out[ckpt] = [c.token_ids for c in engine.generate(PROMPTS + LATE, PARAMS)]
+    return out
 
 
-def test_greedy_32_tokens_equal_transformers_generate(tiny_checkpoint, engines):
-    prompts = random_prompts([37, 5, 21], seed=11)
-    results = engines[tiny_checkpoint].generate(prompts, GREEDY_32)  # one batch, chunked prefill
-    for prompt, result in zip(prompts, results, strict=True):
-        expected, gap = hf_greedy(tiny_checkpoint, prompt, 32)
-        assert gap > 2e-4, "the reference has a near-tie (rounding decides it); pick another prompt"
-        assert result.token_ids == expected
-        assert result.finish_reason is FinishReason.LENGTH
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-maverick", "tiny-scout"])
+@pytest.mark.parametrize(("m", "n"), [(1, 1), (1, 4), (2, 3), (2, 8)])
+def test_greedy_tokens_equal_single_process(ray_session, references, preset, m, n, request):
+    ckpt = request.getfixturevalue(preset.replace("-", "_"))
+    with ClusterEngine(ckpt, ClusterConfig(m, n), ENGINE) as engine:
+        got = run_with_late_arrivals(engine, PROMPTS, LATE, PARAMS, arrival_steps=(4, 7))
+        stats = engine.stats()
+    assert got == references[ckpt]
+    assert_rows_exactly_once(stats, m)
 
 
-def test_requests_arriving_while_others_decode(tiny_maverick, engines):
-    engine = engines[tiny_maverick]
-    prompts = random_prompts([12, 30, 7], seed=2)
-    alone = [engine.generate([p], GREEDY_32)[0].token_ids for p in prompts]
-    outputs: dict[str, list[int]] = {}
-    ids = [engine.add(prompts[0], GREEDY_32)]
-    for step in range(200):
-        if step in (3, 9):
-            ids.append(engine.add(prompts[len(ids)], GREEDY_32))
-        for out in engine.step():
-            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
-        if len(ids) == 3 and not engine.core.has_unfinished:
-            break
-    assert [outputs[i] for i in ids] == alone
+def assert_rows_exactly_once(stats: dict, num_attention: int) -> None:
+    """Every routed row is computed once and comes back to the rank that sent it."""
+    sent, computed = {}, {}
+    for a in stats["attention"]:
+        assert a["rows_sent_per_layer"] == a["rows_returned_per_layer"]
+        for layer, n in a["rows_sent_per_layer"].items():
+            sent[layer] = sent.get(layer, 0) + n
+    for e in stats["experts"]:
+        for layer, n in e["rows_computed_per_layer"].items():
+            computed[layer] = computed.get(layer, 0) + n
+        assert all(n == 0 for rank, n in e["rows_per_source_rank"].items() if rank >= num_attention)
+    assert sent == computed and all(n > 0 for n in sent.values())
+    per_source = {}
+    for e in stats["experts"]:
+        for rank, n in e["rows_per_source_rank"].items():
+            per_source[rank] = per_source.get(rank, 0) + n
+    for a in stats["attention"]:
+        assert per_source[a["dp_rank"]] == sum(a["rows_sent_per_layer"].values())
 
 
-def test_preemption_recomputes_and_loses_nothing(tiny_maverick):
-    # 8 layers x blocks of 4: too few blocks for three 60-token sequences at once
-    engine = LLMEngine.from_checkpoint(
-        tiny_maverick, EngineConfig(num_kv_blocks=150, block_size=4, token_budget=64)
-    )
-    prompts = random_prompts([20, 24, 16], seed=4)
-    roomy = LLMEngine.from_checkpoint(tiny_maverick, EngineConfig(num_kv_blocks=2048, block_size=4))
-    expected = [r.token_ids for r in roomy.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True))]
-    results = engine.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True))
-    assert [r.token_ids for r in results] == expected
-    assert engine.core.kv.usage().blocks_used == 0
+def test_close_leaves_no_processes(ray_session, tiny_maverick):
+    engine = ClusterEngine(tiny_maverick, ClusterConfig(1, 2), ENGINE)
+    assert isinstance(engine, Engine)
+    assert engine.generate(PROMPTS[:1], PARAMS)[0].token_ids
+    pids = ray_session.get([w.pid.remote() for w in engine.attention + engine.experts])
+    pg_id = engine._pg.id.hex()
+    engine.close()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+    assert ray_session.util.placement_group_table()[pg_id]["state"] == "REMOVED"
 
 
-def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_maverick, engines):
-    engine = engines[tiny_maverick]
-    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
-    prompt = random_prompts([9], seed=6)[0]
-    alone = engine.generate([prompt], params)[0].token_ids
-    batched = engine.generate([prompt] + random_prompts([14, 3], seed=7), params)[0].token_ids
-    other_seed = engine.generate(
-        [prompt], SamplingParams(max_tokens=16, temperature=0.9, seed=99, ignore_eos=True)
-    )[0].token_ids
-    assert alone == batched
-    assert alone != other_seed
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
-def test_top_k_one_is_greedy(tiny_maverick, engines):
-    engine = engines[tiny_maverick]
-    prompt = random_prompts([9], seed=8)[0]
-    greedy = engine.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
-    top1 = engine.generate(
-        [prompt], SamplingParams(max_tokens=8, temperature=1.5, top_k=1, seed=0, ignore_eos=True)
-    )[0].token_ids
-    assert top1 == greedy
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_attention_workers": 0}, "attention workers must be >= 1"),
+        ({"num_expert_workers": 0}, "expert workers must be >= 1"),
+        ({"device": "tpu"}, "unknown device 'tpu'"),
+        ({"placement_strategy": "RANDOM"}, "unknown placement strategy"),
+    ],
+)
+def test_bad_cluster_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ClusterConfig(**kwargs)
 
 
-def test_stop_token_and_stop_string(tiny_maverick, engines):
-    engine = engines[tiny_maverick]
-    prompt = random_prompts([9], seed=9)[0]
-    free = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
-    by_id = engine.generate([prompt], SamplingParams(max_tokens=12, stop_token_ids=(free[4],)))[0]
-    assert by_id.token_ids == free[:5] and by_id.finish_reason is FinishReason.STOP
-    tok = engine.core.tokenizer
-    stop_text = tok.decode(free[6:7]).strip() or tok.decode(free[6:7])
-    by_text = engine.generate([prompt], SamplingParams(max_tokens=12, stop=(stop_text,), ignore_eos=True))[0]
-    assert by_text.finish_reason is FinishReason.STOP and len(by_text.token_ids) <= 7
-
-
-def test_prompt_beyond_context_is_rejected(tiny_maverick, engines):
-    engine = engines[tiny_maverick]
-    with pytest.raises(ValueError, match="context length 4096"):
-        engine.add(list(range(4000)), SamplingParams(max_tokens=200))
+def test_more_expert_workers_than_experts(tiny_scout):
+    with pytest.raises(ValueError, match="17 expert workers for 16 experts"):
+        ClusterConfig(1, 17).plan(ModelConfig.from_file(tiny_scout))

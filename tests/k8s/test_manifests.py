@@ -4,7 +4,7 @@ Structure against KubeRay's CRD schemas (../shared/schemas/), `serveConfigV2` ag
 `ServeDeploySchema` and the application's own config model, the operator's rules that live in
 code, and the invariants of the deployment: GPUs agree with worker counts and node sizes, images
 and Ray versions pinned and equal to the installed Ray, ports exposed, volumes in place, and the
-committed files equal to what `cluster/k8s_render.py` renders.
+committed files equal to what `k8s/render.py` renders.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import yaml
 from pydantic import BaseModel
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from cluster import k8s_render
-from cluster.serving.app import ServeAppConfig, replica_resources
+import model.synthetic
+from k8s import render as k8s_render
+from serving.app import ServeAppConfig, replica_resources
 
 REPO = Path(__file__).parents[2]
 K8S = REPO / "k8s"
@@ -86,7 +87,7 @@ def test_the_three_sizes_are_there() -> None:
 
 
 def test_committed_manifests_equal_the_render_output() -> None:
-    assert k8s_render.stale() == [], "run `python -m cluster.k8s_render` and commit k8s/"
+    assert k8s_render.stale() == [], "run `python -m k8s.render` and commit k8s/"
 
 
 def test_check_mode_reports_stale_missing_and_extra_files(tmp_path: Path) -> None:
@@ -305,7 +306,7 @@ def test_http_and_grpc_ports_are_exposed_through_the_serve_service(name: str) ->
 def test_health_is_left_to_kuberay_and_serve(name: str) -> None:
     """No custom probes: KubeRay then injects Raylet/GCS checks and, on workers, the Serve proxy's
     /-/healthz; the engine's own health is Serve's `check_health` on each replica."""
-    from cluster.serving.app import EngineDeployment
+    from serving.app import EngineDeployment
 
     for pod in pod_specs(name):
         assert "livenessProbe" not in ray_container(pod)
@@ -356,17 +357,15 @@ def test_the_claim_and_fetch_job_match_the_gpu_manifests() -> None:
 def test_cpu_demo_init_container_makes_the_checkpoint_the_app_loads(monkeypatch, tmp_path: Path) -> None:
     """The init container runs the project's `default_checkpoint` (what `llama4-ep serve` uses)
     with LLAMA4_EP_CACHE set; run it here (a stand-in writer) and check where it lands."""
-    import cluster.presets
-    from cluster.cli import default_checkpoint
 
     (init,) = pod_specs("cpu-demo.yaml")[0]["initContainers"]
     assert init["command"] == ["python", "-c", k8s_render.MAKE_DEFAULT_CHECKPOINT]
     cache = Path({e["name"]: e["value"] for e in init["env"]}["LLAMA4_EP_CACHE"])
     monkeypatch.setenv("LLAMA4_EP_CACHE", str(tmp_path))
     monkeypatch.setattr(
-        cluster.presets,
+        model.synthetic,
         "make_checkpoint",
         lambda preset, out, seed, **skew: (Path(out) / "config.json").write_text("{}"),
     )
-    made = default_checkpoint()
+    made = model.synthetic.default_checkpoint()
     assert str(cache / made.relative_to(tmp_path)) == app_config("cpu-demo.yaml").model

@@ -9,18 +9,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from router.balance import balancedness_per_layer, imbalance_per_layer
 from router.placement import (
     Placement,
-    balancedness,
     changed_slots,
-    choose_replica,
-    imbalance,
     pack,
     rebalance,
     replicate,
     static_placement,
     worker_loads,
 )
+from router.routing import choose_replica
 
 PROPERTY = settings(max_examples=50, deadline=None)
 
@@ -192,26 +191,20 @@ def test_pack_repairs_greedy_miss():
 
 def test_zipf_128_experts_on_8_workers_with_2_redundant_slots_each_is_balanced():
     load = zipf_load(num_layers=8, num_experts=128, exponent=1.2, seed=0)
-    no_redundancy = balancedness(worker_loads(load, rebalance(load, 8, 16)))
-    static = balancedness(worker_loads(load, static_placement(8, 128, 8, 18)))
-    balanced = balancedness(worker_loads(load, rebalance(load, 8, 18)))
+    no_redundancy = balancedness_per_layer(worker_loads(load, rebalance(load, 8, 16)))
+    static = balancedness_per_layer(worker_loads(load, static_placement(8, 128, 8, 18)))
+    balanced = balancedness_per_layer(worker_loads(load, rebalance(load, 8, 18)))
     # Measured: 0.9998 min over layers (static 0.28, no redundant slots 0.44).
     assert balanced.min() >= 0.999
     assert static.max() < 0.5 and no_redundancy.max() < 0.5
-    assert (imbalance(worker_loads(load, rebalance(load, 8, 18))) <= 0.001).all()
+    assert (imbalance_per_layer(worker_loads(load, rebalance(load, 8, 18))) <= 0.001).all()
 
 
 def test_sampled_zipf_tokens_are_balanced_too():
     load = sampled_zipf_load(num_experts=128, exponent=1.2, num_tokens=8192, seed=0, sample_seed=1)
-    balanced = balancedness(worker_loads(load, rebalance(load, 8, 18)))
+    balanced = balancedness_per_layer(worker_loads(load, rebalance(load, 8, 18)))
     # Measured: 0.998 min over layers; the default tolerance stops the search at 1/1.01.
     assert balanced.min() >= 1 / 1.01
-
-
-def test_balancedness_and_imbalance_values():
-    per_worker = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 0.0], [3.0, 1.0]])
-    assert balancedness(per_worker).tolist() == [1.0, 0.5, 1.0, 2.0 / 3.0]
-    assert imbalance(per_worker).tolist() == [0.0, 1.0, 0.0, 0.5]
 
 
 # ---- replica choice --------------------------------------------------------------------------
@@ -279,7 +272,7 @@ def test_a_new_window_of_the_same_traffic_moves_nothing():
     window = sampled_zipf_load(num_experts=128, exponent=1.2, num_tokens=65536, seed=0, sample_seed=1)
     next_window = sampled_zipf_load(num_experts=128, exponent=1.2, num_tokens=65536, seed=0, sample_seed=2)
     previous = rebalance(window, 8, 18)
-    # Measured: balancedness 0.97 on the next window, not worth moving. (With 8192-token windows
+    # Measured: balancedness_per_layer 0.97 on the next window, not worth moving. (With 8192-token windows
     # the sampling noise alone costs 5-10% and some layers do move.)
     assert rebalance(next_window, 8, 18, previous=previous) is previous
 
@@ -315,9 +308,9 @@ def test_repacking_after_drift_moves_few_replicas():
     fresh = rebalance(drifted, 8, 18)
     assert sticky.version == 1
     assert_consistent(sticky)
-    # Measured: 242 of 3456 slots move (a fresh placement renumbers 3290); balancedness 0.994.
+    # Measured: 242 of 3456 slots move (a fresh placement renumbers 3290); balancedness_per_layer 0.994.
     assert changed_slots(previous, sticky).sum() <= 0.1 * changed_slots(previous, fresh).sum()
-    assert balancedness(worker_loads(drifted, sticky)).min() >= 1 / 1.01
+    assert balancedness_per_layer(worker_loads(drifted, sticky)).min() >= 1 / 1.01
 
 
 def test_previous_from_other_worker_count_is_repacked_with_a_new_version():
@@ -349,7 +342,6 @@ LOG2PHY, LOGCNT = static_placement(1, 2, 1, 2).log2phy[0], static_placement(1, 2
         (lambda: pack(torch.ones(1, 4), torch.ones(1, 4, dtype=torch.int64), 2, 3), "replicas per layer"),
         (lambda: pack(torch.ones(1, 4), torch.ones(1, 3, dtype=torch.int64), 2, 2), "logcnt"),
         (lambda: worker_loads(torch.ones(1, 5), static_placement(1, 4, 2, 2)), "load shape"),
-        (lambda: balancedness(torch.ones(3)), "worker_loads"),
         (lambda: Placement.from_phy2log(torch.tensor([[0, 0]]), 2, 1, 2), "at least one slot"),
         (lambda: Placement.from_phy2log(torch.tensor([[0, 2]]), 2, 1, 2), "expert ids"),
         (lambda: choose_replica(torch.tensor([2]), LOG2PHY, LOGCNT), "expert_idx entries"),

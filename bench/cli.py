@@ -1,0 +1,115 @@
+"""`llama4-ep bench ...`: benchmarks that print a table, then one JSON line of figures.
+
+The parsers live here and the benchmarks in their own modules, imported only when one runs, so
+that the CLI's other commands start without loading torch and Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from bench.serve import add_bench_serve_parser
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from bench.decode import cmd_decode  # lazy: start-up time of the CLI
+
+    return cmd_decode(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from bench.dispatch import cmd_dispatch  # lazy: start-up time of the CLI
+
+    return cmd_dispatch(args)
+
+
+def _kv(args: argparse.Namespace) -> int:
+    from bench.kv import cmd_kv  # lazy: start-up time of the CLI
+
+    return cmd_kv(args)
+
+
+def _replication(args: argparse.Namespace) -> int:
+    from bench.replication import cmd_replication  # lazy: start-up time of the CLI
+
+    return cmd_replication(args)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"need integers >= 1, got {text!r}")
+    return values
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (print a table, then one JSON line)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    d = bench.add_parser("decode", help="decode throughput: this engine against transformers")
+    d.add_argument("--model", help="checkpoint (default: the bench-maverick preset, made once)")
+    d.add_argument("--batch", type=int, default=32)
+    d.add_argument("--new-tokens", type=int, default=32)
+    d.add_argument("--prompt-len", type=int, default=16)
+    d.add_argument("--reps", type=int, default=2, help="runs of each length; the fastest counts")
+    d.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    d.add_argument("--attention-workers", type=int, default=1, help="cluster column: attention workers")
+    d.add_argument("--expert-workers", type=int, default=4, help="cluster column: expert workers (0: skip)")
+    d.set_defaults(func=_decode)
+    _add_dispatch_parser(bench)
+    _add_kv_parser(bench)
+    add_bench_serve_parser(bench)
+    _add_replication_parser(bench)
+
+
+def _add_dispatch_parser(bench: argparse._SubParsersAction) -> None:
+    d = bench.add_parser("dispatch", help="the dispatcher's time per MoE layer against bare all_to_all")
+    d.add_argument("--attention-ranks", type=int, default=1)
+    d.add_argument("--expert-ranks", type=int, default=4)
+    d.add_argument("--experts", type=int, default=128)
+    d.add_argument("--hidden", type=int, default=256)
+    d.add_argument("--intermediate", type=int, default=256, help="expert SwiGLU width (+compute column)")
+    d.add_argument("--tokens", type=_int_list, default=(32, 256), help="tokens per attention rank: 32,256")
+    d.add_argument("--layers", type=int, default=4, help="MoE layers timed back to back per rep")
+    d.add_argument("--reps", type=int, default=60)
+    d.add_argument("--dtype", default="float32")
+    d.set_defaults(func=_dispatch)
+
+
+def _add_kv_parser(bench: argparse._SubParsersAction) -> None:
+    k = bench.add_parser("kv", help="KV bytes per sequence against the layer mix's minimum (Llama 4 shape)")
+    k.add_argument("--sizes", type=_int_list, default=(4096, 16384, 65536), help="sequence lengths")
+    k.add_argument("--block-sizes", type=_int_list, default=(16, 64))
+    k.add_argument("--chunk-size", type=int, default=8192, help="attention_chunk_size of the chunked layers")
+    k.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step (token budget)")
+    k.set_defaults(func=_kv)
+
+
+def _add_replication_parser(bench: argparse._SubParsersAction) -> None:
+    r = bench.add_parser(
+        "replication", help="balancedness, throughput and step times: static map against dynamic replication"
+    )
+    r.add_argument("--quick", action="store_true", help="short phases (about two minutes on 2 CPU cores)")
+    # unset options take the full (or --quick) run's values (bench/replication.py FULL, QUICK)
+    r.add_argument("--preset", help="default bench-maverick")
+    r.add_argument("--expert-skew", type=float, help="Zipf exponent of the routers (default 1.2)")
+    r.add_argument("--skew-seed", type=int, help="hot experts at the start (default 0)")
+    r.add_argument("--shift-skew-seed", type=int, help="hot experts after a shift (default 1)")
+    r.add_argument("--attention-workers", type=int, help="default 1")
+    r.add_argument("--expert-workers", type=int, help="default 8")
+    r.add_argument("--redundant-slots", type=int, help="per expert worker (default 2)")
+    r.add_argument("--batch", type=int, help="requests always running")
+    r.add_argument("--max-tokens", type=int, help="per request (a finished one is replaced)")
+    r.add_argument("--steps", help="steps per phase: warmup,static,settle,rebalanced,shift,num_shifts")
+    r.add_argument("--probe", type=int, help="steps per window of rolling balancedness")
+    r.add_argument("--window", type=int, help="RebalanceConfig.window_steps")
+    r.add_argument("--interval", type=int, help="RebalanceConfig.interval_steps")
+    r.add_argument("--threshold", type=float, help="RebalanceConfig.imbalance_threshold")
+    r.add_argument("--min-gain", type=float, help="RebalanceConfig.min_gain")
+    r.add_argument("--report-every", type=int, help="RebalanceConfig.report_every")
+    r.add_argument("--plot", type=Path, default=Path(tempfile.gettempdir()) / "llama4-ep-replication.png")
+    r.set_defaults(func=_replication)

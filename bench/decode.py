@@ -1,0 +1,146 @@
+"""`llama4-ep bench decode`: decode tokens/s of this engine against transformers on one checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from cluster.config import ClusterConfig
+from cluster.engine import ClusterEngine
+from engine.core import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.request import SamplingParams
+from model.synthetic import default_checkpoint
+
+BENCH_PRESET = "bench-maverick"  # 128 experts, hidden 256, 8 layers
+ENGINE_ROW = "llama4-ep (single process)"
+HF_ROW = "transformers generate"
+
+
+def _prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 200000, (batch, length), generator=g).tolist()
+
+
+def _timed(run: Callable[[int], None], n: int) -> float:
+    t0 = time.perf_counter()
+    run(n)
+    return time.perf_counter() - t0
+
+
+def _decode_rates(
+    runners: dict[str, Callable[[int], None]], batch: int, new_tokens: int, reps: int
+) -> dict[str, dict[str, float]]:
+    """Decode tokens/s of each runner: the time of `new_tokens` tokens minus the time of the first
+    (prefill), each the fastest of `reps` runs (a busy machine only ever adds time). The runners
+    take turns, so a busy spell of a shared machine does not land on one of them alone."""
+    for run in runners.values():
+        run(2)  # warm up
+    prefills: dict[str, list[float]] = {name: [] for name in runners}
+    totals: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, run in runners.items():
+            prefills[name].append(_timed(run, 1))
+            totals[name].append(_timed(run, new_tokens))
+    rows = {}
+    for name in runners:
+        prefill, total = min(prefills[name]), min(totals[name])
+        decode = max(total - prefill, 1e-9)
+        rate = batch * (new_tokens - 1) / decode
+        rows[name] = {"decode_tok_s": rate, "total_s": total, "prefill_s": prefill}
+    return rows
+
+
+def _engine_runner(model: Path, prompts: list[list[int]]) -> Callable[[int], None]:
+    budget = max(512, sum(len(p) for p in prompts))
+    engine = LLMEngine.from_checkpoint(model, EngineConfig(token_budget=budget, max_num_seqs=len(prompts)))
+
+    def run(n: int) -> None:
+        engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+
+    return run
+
+
+def _transformers_runner(model: Path, prompts: list[list[int]]) -> Callable[[int], None]:
+    from model.hf_reference import load_hf_causal_lm  # lazy: transformers is a test/bench extra
+
+    hf = load_hf_causal_lm(model, attn="sdpa")  # transformers as users run it
+    ids = torch.tensor(prompts)
+
+    def run(n: int) -> None:
+        with torch.no_grad():
+            hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+
+    return run
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    model = Path(args.model) if args.model else default_checkpoint(BENCH_PRESET)
+    prompts = _prompts(args.batch, args.prompt_len)
+    with contextlib.ExitStack() as stack:  # every runner stays up until all are measured
+        runners = {ENGINE_ROW: _engine_runner(model, prompts)}
+        if args.expert_workers:
+            name = f"llama4-ep cluster ({args.attention_workers} attn + {args.expert_workers} expert)"
+            run = cluster_runner(model, prompts, args.attention_workers, args.expert_workers)
+            runners[name] = stack.enter_context(run)
+        if not args.no_transformers:
+            runners[HF_ROW] = _transformers_runner(model, prompts)
+        rows = _decode_rates(runners, args.batch, args.new_tokens, args.reps)
+    print(
+        f"decode, batch {args.batch}, {args.new_tokens} new tokens, prompt {args.prompt_len}, "
+        f"fastest of {args.reps}, model {model}"
+    )
+    print(f"{'engine':<48} {'decode tok/s':>14} {'total s':>9}")
+    for name, r in rows.items():
+        print(f"{name:<48} {r['decode_tok_s']:>14.1f} {r['total_s']:>9.2f}")
+    print(json.dumps(_decode_figures(args, rows)))
+    return 0
+
+
+def _decode_figures(args: argparse.Namespace, rows: dict[str, dict[str, float]]) -> dict:
+    figures = {
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "engine_decode_tok_s": round(rows[ENGINE_ROW]["decode_tok_s"], 2),
+    }
+    for name, r in rows.items():
+        if name.startswith("llama4-ep cluster"):
+            figures["cluster_decode_tok_s"] = round(r["decode_tok_s"], 2)
+            figures["cluster_workers"] = [args.attention_workers, args.expert_workers]
+    if HF_ROW in rows:
+        hf = rows[HF_ROW]["decode_tok_s"]
+        figures["transformers_decode_tok_s"] = round(hf, 2)
+        figures["speedup_vs_transformers"] = round(figures["engine_decode_tok_s"] / hf, 2)
+        if "cluster_decode_tok_s" in figures:
+            figures["cluster_speedup_vs_transformers"] = round(figures["cluster_decode_tok_s"] / hf, 2)
+    return figures
+
+
+@contextmanager
+def cluster_runner(
+    model: Path, prompts: list[list[int]], num_attention: int, num_experts: int
+) -> Iterator[Callable[[int], None]]:
+    """`run(n)` generates n tokens for every prompt on a ClusterEngine started once (Ray local)."""
+    budget = max(512, sum(len(p) for p in prompts))  # every prompt prefills in one step
+    cfg = EngineConfig(token_budget=budget, max_num_seqs=max(64, len(prompts)))
+    with ClusterEngine(model, ClusterConfig(num_attention, num_experts), cfg) as engine:
+
+        def run(n: int) -> None:
+            engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+
+        yield run

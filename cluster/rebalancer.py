@@ -1,0 +1,113 @@
+"""The rebalancing state machine (`router.rebalancing`) driven with Ray calls, never blocking a step.
+
+Load counts from the attention workers' step results are batched to the router service actor;
+plan requests go to it asynchronously; staging runs on each expert worker's second thread while
+the step loop keeps serving the old map; the switch rides on the next step's header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ray
+import torch
+
+from router.placement import Placement
+from router.rebalancing import RebalanceConfig, Rebalancing
+from router.service import RouterService
+
+
+class Rebalancer:
+    def __init__(self, placement: Placement, cfg: RebalanceConfig, experts: list) -> None:
+        self.machine = Rebalancing(cfg, placement)
+        self.experts = experts
+        self.service = ray.remote(RouterService).options(num_cpus=0).remote(placement, cfg)
+        self._expert_loads: list[torch.Tensor] = []
+        self._slot_loads: list[torch.Tensor] = []
+        self._plan_ref: ray.ObjectRef | None = None
+        self._stage_refs: list[ray.ObjectRef] = []
+        self._metrics_ref: ray.ObjectRef | None = None
+        self.stage_seconds: list[float] = []
+        self.latest_metrics: dict = {}
+        self.tokens_per_worker = torch.zeros(placement.num_workers, dtype=torch.long)
+
+    @property
+    def cfg(self) -> RebalanceConfig:
+        return self.machine.cfg
+
+    @cfg.setter
+    def cfg(self, cfg: RebalanceConfig) -> None:
+        self.machine.cfg = cfg
+
+    @property
+    def placement(self) -> Placement:
+        return self.machine.placement
+
+    @property
+    def busy(self) -> bool:
+        return self.machine.busy
+
+    def after_step(self, step_id: int, results: Sequence) -> None:
+        """Sum the ranks' counts; report (and ask for a plan) when the machine says so."""
+        loads = [r for r in results if r.expert_load is not None]
+        if loads:
+            slot_load = torch.stack([r.slot_load for r in loads]).sum(0)
+            self._expert_loads.append(torch.stack([r.expert_load for r in loads]).sum(0))
+            self._slot_loads.append(slot_load)
+            s = self.placement.slots_per_worker
+            self.tokens_per_worker += slot_load.view(slot_load.shape[0], -1, s).sum((0, 2))
+        action = self.machine.after_step()
+        if not action.report:
+            return
+        self.service.record.remote(self._expert_loads, self._slot_loads)
+        self._expert_loads, self._slot_loads = [], []
+        if action.ask_plan:
+            self._plan_ref = self.service.maybe_replan.remote(step_id)
+        self._refresh_metrics()
+
+    def before_step(self) -> Placement | None:
+        """The map to switch to at this step, if staging has finished; otherwise None."""
+        self._poll_plan(timeout=0)
+        if not self._stage_refs:
+            return None
+        ready, _ = ray.wait(self._stage_refs, num_returns=len(self._stage_refs), timeout=0)
+        if len(ready) < len(self._stage_refs):
+            return None
+        self.stage_seconds.append(max(ray.get(self._stage_refs)))
+        self._stage_refs = []
+        new = self.machine.staged()
+        self.service.commit.remote(new)
+        return new
+
+    def wait(self, timeout_s: float = 60.0) -> None:
+        """Block until the plan asked for has come back and any staging it started has finished,
+        so the next step switches (tests and benchmarks that need rearrangements at known steps;
+        serving never waits)."""
+        self._poll_plan(timeout=timeout_s)
+        if self._stage_refs:
+            ray.wait(self._stage_refs, num_returns=len(self._stage_refs), timeout=timeout_s)
+
+    def _poll_plan(self, timeout: float) -> None:
+        """Take the service's plan if it has come back (within `timeout`) and start staging it."""
+        if self._plan_ref is None or not ray.wait([self._plan_ref], timeout=timeout)[0]:
+            return
+        changes = self.machine.planned(ray.get(self._plan_ref))
+        self._plan_ref = None
+        if changes is not None:
+            version = self.machine.staging.version
+            self._stage_refs = [
+                w.stage.remote(version, c) for w, c in zip(self.experts, changes, strict=True)
+            ]
+
+    def _refresh_metrics(self) -> None:
+        """Keep `latest_metrics` fresh without ever waiting on the service."""
+        if self._metrics_ref is not None:
+            if not ray.wait([self._metrics_ref], timeout=0)[0]:
+                return
+            self.latest_metrics = ray.get(self._metrics_ref)
+        self._metrics_ref = self.service.metrics.remote()
+
+    def metrics(self) -> dict:
+        figures = ray.get(self.service.metrics.remote())
+        figures["stage_seconds"] = list(self.stage_seconds)
+        return figures

@@ -1,5 +1,0 @@
-import sys
-
-from cluster.sim.run import main
-
-sys.exit(main())

@@ -1,0 +1,153 @@
+"""An engine behind an asyncio front: the step loop runs on its own thread.
+
+Serving code calls `generate(...)` and iterates the outputs; the loop thread is the only one that
+touches the engine. Commands (add, abort) cross over through a queue; outputs come back through
+per-request asyncio queues. A consumer that stops iterating (client gone, task cancelled) aborts
+its request, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from engine.core import RequestOutput
+from engine.protocol import Engine
+from engine.request import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests waiting; the caller should answer 429/503 (RESOURCE_EXHAUSTED)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop stopped (an engine error or shutdown)."""
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    outputs: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_pending: int = 256, idle_wait_s: float = 0.05) -> None:
+        self.engine = engine
+        self.max_pending = max_pending
+        self._idle_wait_s = idle_wait_s
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Add] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self.num_steps = 0
+        self.last_metrics: dict = {}
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    async def generate(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they are produced; the last one has finished=True."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine is not running ({self.error!r})")
+        if len(self._streams) + self._commands.qsize() >= self.max_pending:
+            raise QueueFullError(f"{self.max_pending} requests are already queued or running; retry later")
+        request_id = request_id or f"req-{next(self._ids)}"
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._commands.put(
+            _Add(request_id, list(prompt_token_ids), params, outputs, asyncio.get_running_loop())
+        )
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self._commands.put(_Abort(request_id))
+
+    def close(self) -> None:
+        """Stop the step loop, then close the engine (its workers and memory)."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.engine.close()
+
+    # -- the loop thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands(block=not self.engine.has_unfinished)
+                if self.engine.has_unfinished:
+                    self._deliver(self.engine.step())
+                    self.num_steps += 1
+                    self.last_metrics = self.engine.metrics()
+        except BaseException as e:  # the engine is broken: fail every open stream, loudly
+            log.exception("engine loop stopped")
+            self.error = e
+            for add in list(self._streams.values()):
+                self._send(add, EngineDeadError(f"engine failed: {e!r}"))
+            self._streams.clear()
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, cmd: _Add | _Abort) -> None:
+        if isinstance(cmd, _Abort):
+            if self._streams.pop(cmd.request_id, None) is not None:
+                self.engine.abort(cmd.request_id)
+            return
+        try:
+            self.engine.add(cmd.prompt, cmd.params, cmd.request_id)
+        except ValueError as e:
+            self._send(cmd, e)
+            return
+        self._streams[cmd.request_id] = cmd
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            add = self._streams.get(out.request_id)
+            if add is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            self._send(add, out)
+
+    def _send(self, add: _Add, item: RequestOutput | BaseException) -> None:
+        try:
+            add.loop.call_soon_threadsafe(add.outputs.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            if self._streams.pop(add.request_id, None) is not None:
+                self.engine.abort(add.request_id)

@@ -1,0 +1,184 @@
+"""The step: scheduler -> decoder -> sampler, for one data-parallel rank.
+
+`EngineCore` is one data-parallel rank: its own scheduler, paged KV cache, decoder and sampler.
+With `LocalExperts` as its MoE backend it is the whole single-process (colocated) engine
+(`engine.llm_engine`); inside an attention worker it runs with the all-to-all dispatcher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attention.decoder import Llama4Decoder
+from attention.paged import KVPool, SeqChunk, build_batch
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import KVCacheManager
+from engine.request import FinishReason, Request
+from engine.sampling import make_generator, sample
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from model.checkpoint import parse_dtype
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    num_kv_blocks: int = 4096  # per rank, shared by all layers
+    block_size: int = 16
+    max_num_seqs: int = 64
+    token_budget: int = 512
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("num_kv_blocks", "block_size", "max_num_seqs", "token_budget"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        parse_dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request (streamed to the client)."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class EngineCore:
+    """One data-parallel rank: everything but the routed experts, plus a MoE backend."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        decoder: Llama4Decoder,
+        engine_cfg: EngineConfig,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.decoder = decoder
+        self.engine_cfg = engine_cfg
+        self.tokenizer = tokenizer
+        dtype = parse_dtype(engine_cfg.dtype)
+        self.pool = KVPool(
+            engine_cfg.num_kv_blocks, engine_cfg.block_size, cfg.num_key_value_heads, cfg.head_dim, dtype
+        )
+        chunked = [cfg.is_chunked(i) for i in range(cfg.num_hidden_layers)]
+        self.kv = KVCacheManager(
+            engine_cfg.num_kv_blocks,
+            engine_cfg.block_size,
+            chunked,
+            cfg.attention_chunk_size,
+            self.pool.bytes_per_block,
+        )
+        self.scheduler = Scheduler(SchedulerConfig(engine_cfg.max_num_seqs, engine_cfg.token_budget), self.kv)
+        self._generators: dict[str, torch.Generator] = {}
+        self._stops: dict[str, IncrementalDetokenizer] = {}
+        self._requests: dict[str, Request] = {}
+
+    def add_request(self, request: Request) -> None:
+        limit = self.cfg.max_position_embeddings
+        if request.num_tokens + request.params.max_tokens > limit:
+            raise ValueError(
+                f"request {request.request_id!r}: prompt ({request.num_tokens} tokens) plus max_tokens "
+                f"({request.params.max_tokens}) exceeds the context length {limit}"
+            )
+        self.scheduler.add(request)
+        self._requests[request.request_id] = request
+        self._generators[request.request_id] = make_generator(request.params.seed)
+        if request.params.stop:
+            if self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer")
+            self._stops[request.request_id] = IncrementalDetokenizer(self.tokenizer, request.params.stop)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.abort(request_id)
+        if request is None:
+            return None
+        self._forget(request_id)
+        return _output(request, ())
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def metrics(self) -> dict:
+        """Gauges for /metrics: requests and KV blocks of this rank."""
+        usage = self.kv.usage()
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_blocks_used": usage.blocks_used,
+            "kv_blocks_total": usage.blocks_total,
+            "kv_bytes_used": usage.bytes_used,
+        }
+
+    def step(self, run_empty: bool = False) -> list[RequestOutput]:
+        """Schedule, run the decoder over the scheduled chunks, sample, update. With `run_empty`
+        the decoder runs even with no tokens (a lock-step rank must join every exchange)."""
+        sched = self.scheduler.schedule()
+        if not sched.chunks and not run_empty:
+            return []
+        sampled = self._execute(sched)
+        before = {c.request_id: len(self._requests[c.request_id].output_token_ids) for c in sched.chunks}
+        outputs = []
+        for request in self.scheduler.update(sched, sampled):
+            new = tuple(request.output_token_ids[before.get(request.request_id, 0) :])
+            self._check_stop_strings(request, new)
+            outputs.append(_output(request, new))
+            if request.is_finished:
+                self._forget(request.request_id)
+        return outputs
+
+    def _execute(self, sched: SchedulerOutput) -> dict[str, int]:
+        chunks = [SeqChunk(c.request_id, c.token_ids, c.start_pos) for c in sched.chunks]
+        batch = build_batch(
+            chunks,
+            self.kv.block_table,
+            self._key_start,
+            self.cfg.num_hidden_layers,
+            self.engine_cfg.block_size,
+        )
+        hidden = self.decoder.forward(batch, self.pool)
+        rows = [i for i, c in enumerate(sched.chunks) if c.sample]
+        if not rows:
+            return {}
+        logits = self.decoder.logits(hidden[batch.last_token_index[rows]])
+        ids = [sched.chunks[i].request_id for i in rows]
+        tokens = sample(logits, [self._requests[r].params for r in ids], [self._generators[r] for r in ids])
+        return dict(zip(ids, tokens, strict=True))
+
+    def _key_start(self, layer_idx: int, start_pos: int) -> int:
+        if not self.cfg.is_chunked(layer_idx):
+            return 0
+        chunk = self.cfg.attention_chunk_size
+        return (start_pos // chunk) * chunk
+
+    def _check_stop_strings(self, request: Request, new: tuple[int, ...]) -> None:
+        detok = self._stops.get(request.request_id)
+        if detok is None or request.is_finished or not new:
+            return
+        detok.add(new)
+        if detok.stopped:
+            self.scheduler.finish(request.request_id, FinishReason.STOP)
+
+    def _forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+        self._stops.pop(request_id, None)
+        self._requests.pop(request_id, None)
+
+
+def _output(request: Request, new: tuple[int, ...]) -> RequestOutput:
+    return RequestOutput(
+        request.request_id,
+        new,
+        request.is_finished,
+        request.finish_reason,
+        len(request.prompt_token_ids),
+        len(request.output_token_ids),
+    )

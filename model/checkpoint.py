@@ -1,0 +1,278 @@
+"""Reading Hugging Face Llama 4 checkpoints: safetensors and JSON only, nothing unpickled.
+
+The safetensors container is simple (an 8-byte header length, a JSON header of
+`{name: {dtype, shape, data_offsets}}`, then raw little-endian data), so this module reads it
+itself with positioned reads. That is what lets an expert worker read only the rows of the
+fused `experts.gate_up_proj` [E, H, 2I] / `experts.down_proj` [E, I, H] tensors that belong to
+its own experts, and lets a test count the bytes that were actually read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+# Tensor-name prefixes of the two layouts transformers writes.
+_LAYOUTS = (
+    ("language_model.model.", "language_model.lm_head."),  # Llama4ForConditionalGeneration
+    ("model.", "lm_head."),  # Llama4ForCausalLM
+)
+_SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing a tensor, has a wrong shape, or is not readable."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute file offset of the first byte
+    end: int
+
+    @property
+    def row_bytes(self) -> int:
+        rows = self.shape[0] if self.shape else 1
+        return (self.end - self.begin) // max(rows, 1)
+
+
+class SafetensorsFile:
+    """One `.safetensors` file, read with `os.pread`. `bytes_read` counts tensor bytes read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.bytes_read = 0
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            header = json.loads(os.pread(self._fd, header_len, 8))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            os.close(self._fd)
+            raise CheckpointError(f"{path}: not a safetensors file ({e})") from e
+        header.pop("__metadata__", None)
+        base = 8 + header_len
+        self.entries: dict[str, _Entry] = {}
+        for name, info in header.items():
+            if info["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            self.entries[name] = _Entry(
+                _DTYPES[info["dtype"]], tuple(info["shape"]), base + begin, base + end
+            )
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _read(self, offset: int, size: int) -> bytearray:
+        buf = bytearray(size)
+        view, done = memoryview(buf), 0
+        while done < size:
+            chunk = os.pread(self._fd, size - done, offset + done)
+            if not chunk:
+                raise CheckpointError(f"{self.path}: file is truncated")
+            view[done : done + len(chunk)] = chunk
+            done += len(chunk)
+        self.bytes_read += size
+        return buf
+
+    def read(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        return _to_tensor(self._read(e.begin, e.end - e.begin), e.dtype, e.shape)
+
+    def read_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        """Rows `rows` of dimension 0 of `name`, reading only their bytes (runs coalesced)."""
+        e = self.entries[name]
+        if not e.shape:
+            raise CheckpointError(f"tensor {name!r} is a scalar; it has no rows")
+        bad = [r for r in rows if not 0 <= r < e.shape[0]]
+        if bad:
+            raise CheckpointError(f"tensor {name!r} has {e.shape[0]} rows; asked for rows {bad}")
+        parts = []
+        for start, count in _runs(rows):
+            raw = self._read(e.begin + start * e.row_bytes, count * e.row_bytes)
+            parts.append(_to_tensor(raw, e.dtype, (count, *e.shape[1:])))
+        order = torch.tensor(_run_order(rows), dtype=torch.long)
+        return torch.cat(parts)[order] if parts else torch.empty((0, *e.shape[1:]), dtype=e.dtype)
+
+
+def _to_tensor(raw: bytearray, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    if not raw:
+        return torch.empty(tuple(shape), dtype=dtype)
+    return torch.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
+
+
+def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted unique rows grouped into (start, count) runs of consecutive indices."""
+    runs: list[tuple[int, int]] = []
+    for r in sorted(set(rows)):
+        if runs and runs[-1][0] + runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((r, 1))
+    return runs
+
+
+def _run_order(rows: Sequence[int]) -> list[int]:
+    """Index into the sorted unique rows for each requested row, in request order."""
+    position = {r: i for i, r in enumerate(sorted(set(rows)))}
+    return [position[r] for r in rows]
+
+
+class CheckpointReader:
+    """A Hugging Face Llama 4 checkpoint directory.
+
+    Tensor names given to `tensor()` are canonical, without the layout prefix:
+    `embed_tokens.weight`, `layers.{i}.self_attn.q_proj.weight`, `norm.weight`, `lm_head.weight`.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
+        self.config = ModelConfig.from_file(self.directory)
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where = self._weight_map()
+        self._model_prefix, self._head_prefix = self._detect_layout()
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            missing = sorted({f for f in weight_map.values() if not (self.directory / f).exists()})
+            if missing:
+                raise CheckpointError(f"{self.directory}: shards named by the index do not exist: {missing}")
+            return {name: file for name, file in weight_map.items() if not name.startswith(_SKIPPED_PREFIXES)}
+        single = self.directory / "model.safetensors"
+        if not single.exists():
+            raise CheckpointError(
+                f"{self.directory}: no model.safetensors or model.safetensors.index.json "
+                "(only safetensors is read)"
+            )
+        names = self._file(single.name).entries
+        return {name: single.name for name in names if not name.startswith(_SKIPPED_PREFIXES)}
+
+    def _detect_layout(self) -> tuple[str, str]:
+        for model_prefix, head_prefix in _LAYOUTS:
+            if f"{model_prefix}embed_tokens.weight" in self._where:
+                return model_prefix, head_prefix
+        raise CheckpointError(
+            f"{self.directory}: missing tensor 'language_model.model.embed_tokens.weight' "
+            "(or 'model.embed_tokens.weight'); not a Llama 4 text checkpoint"
+        )
+
+    def _file(self, filename: str) -> SafetensorsFile:
+        if filename not in self._files:
+            path = self.directory / filename
+            if not path.exists():
+                raise CheckpointError(f"{self.directory}: shard {filename} named by the index does not exist")
+            self._files[filename] = SafetensorsFile(path)
+        return self._files[filename]
+
+    def _full_name(self, name: str) -> str:
+        if name == "lm_head.weight":
+            return f"{self._head_prefix}weight"
+        return f"{self._model_prefix}{name}"
+
+    def _locate(self, name: str, shape: tuple[int, ...]) -> tuple[SafetensorsFile, str]:
+        full = self._full_name(name)
+        if full not in self._where:
+            raise CheckpointError(f"{self.directory}: missing tensor {full!r}")
+        f = self._file(self._where[full])
+        if full not in f.entries:
+            raise CheckpointError(f"{f.path}: missing tensor {full!r} (the index says it is here)")
+        if f.entries[full].shape != shape:
+            raise CheckpointError(
+                f"tensor {full!r} has shape {list(f.entries[full].shape)}, expected {list(shape)}"
+            )
+        return f, full
+
+    def tensor(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """Read a whole tensor, check its shape, convert to `dtype`."""
+        f, full = self._locate(name, tuple(shape))
+        return f.read(full).to(dtype)
+
+    def expert_rows(self, layer_idx: int, expert_ids: Sequence[int], dtype: torch.dtype) -> ExpertWeights:
+        """Only the given experts of one MoE layer: gate_up [n, H, 2I] and down [n, I, H].
+
+        Reads just those experts' bytes from the fused tensors, never the whole tensor.
+        """
+        cfg = self.config
+        if not cfg.is_moe(layer_idx):
+            raise CheckpointError(f"layer {layer_idx} is not a MoE layer (moe_layers={list(cfg.moe_layers)})")
+        e, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        bad = [x for x in expert_ids if not 0 <= x < e]
+        if bad:
+            raise CheckpointError(f"layer {layer_idx}: expert ids {bad} out of range [0, {e})")
+        prefix = f"layers.{layer_idx}.feed_forward.experts."
+        f_gu, gu_name = self._locate(prefix + "gate_up_proj", (e, h, 2 * i))
+        f_dn, dn_name = self._locate(prefix + "down_proj", (e, i, h))
+        return ExpertWeights(
+            gate_up=f_gu.read_rows(gu_name, expert_ids).to(dtype),
+            down=f_dn.read_rows(dn_name, expert_ids).to(dtype),
+        )
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(f.bytes_read for f in self._files.values())
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """Weights of n experts of one layer. gate_up: [n, H, 2I] (gate columns first); down: [n, I, H]."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if name not in names:
+        raise ValueError(f"unknown dtype {name!r} (allowed: {', '.join(sorted(names))})")
+    return names[name]

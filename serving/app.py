@@ -1,0 +1,242 @@
+"""The Ray Serve application: its validated arguments, the two deployments, and the builder.
+
+`build_app` is the `import_path` target of `serve_config.yaml` (`serve run`, `serve deploy`,
+KubeRay): Serve validates the `args:` block into `ServeAppConfig` before calling it. The engine
+deployment's replicas each own one engine; in the disaggregated layout a replica's placement
+group holds the replica (bundle 0) and its workers (bundles 1..M+N).
+"""
+
+# No `from __future__ import annotations` here: Serve reads the builder's parameter annotation
+# at run time to validate its arguments, and needs the class, not a string.
+
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import Application
+from starlette.requests import Request
+from starlette.responses import Response
+
+from cluster.config import ClusterConfig
+from cluster.placement_groups import bundles
+from engine.core import EngineConfig
+from model.synthetic import default_checkpoint
+from router.rebalancing import RebalanceConfig
+from serving.engine_server import EngineServer, EngineSpec
+from serving.frontend import Frontend, IngressSpec
+from serving.grpc_service import GrpcService
+from serving.http_routes import OpenAIRoutes
+
+REPLICA_CPUS = 0.01  # the engine replica only drives its workers (disaggregated layout)
+
+
+class EngineArgs(BaseModel):
+    """Per-replica engine settings (see `engine.core.EngineConfig`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_kv_blocks: int = Field(4096, ge=1)
+    block_size: int = Field(16, ge=1)
+    max_num_seqs: int = Field(64, ge=1)
+    token_budget: int = Field(512, ge=1)
+    dtype: str = "float32"
+
+    def to_config(self) -> EngineConfig:
+        return EngineConfig(**self.model_dump())
+
+
+class AutoscalingArgs(BaseModel):
+    """Engine replicas: a fixed count when min == max, else Serve autoscaling on ongoing requests."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(32.0, gt=0)
+    # None: Serve's own defaults (upscale 30 s, downscale 600 s, metrics every 10 s over 30 s)
+    initial_replicas: int | None = Field(None, ge=1)
+    upscale_delay_s: float | None = Field(None, ge=0)
+    downscale_delay_s: float | None = Field(None, ge=0)
+    metrics_interval_s: float | None = Field(None, gt=0)
+    look_back_period_s: float | None = Field(None, gt=0)
+
+    def describe(self) -> str:
+        """`1 engine replica` or `1-2 engine replicas (target 4 ongoing requests)`."""
+        if self.min_replicas == self.max_replicas:
+            return f"{self.min_replicas} engine replica" + ("s" if self.min_replicas > 1 else "")
+        return (
+            f"{self.min_replicas}-{self.max_replicas} engine replicas "
+            f"(target {self.target_ongoing_requests:g} ongoing requests)"
+        )
+
+    @model_validator(mode="after")
+    def _order(self) -> "AutoscalingArgs":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError(
+                f"initial_replicas ({self.initial_replicas}) must be within "
+                f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]"
+            )
+        return self
+
+
+class RebalanceArgs(BaseModel):
+    """Dynamic replication of hot experts (see `router.rebalancing.RebalanceConfig`). Load statistics
+    are collected either way; `enabled: false` keeps the initial placement."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    window_steps: int = Field(64, ge=1)
+    interval_steps: int = Field(32, ge=1)
+    imbalance_threshold: float = Field(0.25, ge=0)
+    min_gain: float = Field(0.05, ge=0)
+    report_every: int = Field(8, ge=1)
+
+    def to_config(self) -> RebalanceConfig:
+        return RebalanceConfig(**self.model_dump())
+
+
+class ServeAppConfig(BaseModel):
+    """The application's arguments (the `args:` block of serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="checkpoint directory; None: the tiny-maverick default")
+    served_model_name: str | None = Field(None, description="the `model` clients send; default: dir name")
+    attention_workers: int = Field(1, ge=1)
+    expert_workers: int = Field(2, ge=0, description="0: the single-process (colocated) engine")
+    redundant_slots: int = Field(0, ge=0, description="expert slots per worker beyond experts / workers")
+    rebalance: RebalanceArgs = Field(default_factory=RebalanceArgs)
+    device: Literal["cpu", "cuda"] = "cpu"
+    cpus_per_worker: float | None = Field(None, gt=0, description="None: share the cluster's CPUs")
+    engine: EngineArgs = Field(default_factory=EngineArgs)
+    autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
+    max_pending: int = Field(
+        256, ge=1, description="requests one engine holds (running + waiting); more: 429 / RESOURCE_EXHAUSTED"
+    )
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Serve's cap per engine replica; None: max_pending + 32, so the engine answers",
+    )
+    max_queued_requests: int = Field(1024, ge=-1, description="waiting in Serve for a replica; -1: no limit")
+    ingress_max_ongoing_requests: int = Field(1024, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeAppConfig":
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (no limit) or >= 1")
+        if self.expert_workers == 0 and (self.redundant_slots or self.rebalance.enabled):
+            raise ValueError("redundant_slots and rebalance need expert workers (expert_workers >= 1)")
+        self.engine.to_config()  # EngineConfig's own checks (dtype, ...)
+        self.cluster_config()
+        return self
+
+    def layout(self) -> str:
+        """One engine replica's workers, in words (what `serve` and `experiment` print)."""
+        if self.expert_workers == 0:
+            return "single-process engine"
+        return (
+            f"{self.attention_workers} attention + {self.expert_workers} expert workers, "
+            f"{self.redundant_slots} redundant slots per worker, "
+            f"rebalancing {'on' if self.rebalance.enabled else 'off'}"
+        )
+
+    @property
+    def model_name(self) -> str:
+        """What clients put in `model` (needs `model` resolved: see `resolve_model`)."""
+        return self.served_model_name or Path(self.model or "").name
+
+    def cluster_config(self) -> ClusterConfig | None:
+        if self.expert_workers == 0:
+            return None
+        return ClusterConfig(
+            self.attention_workers,
+            self.expert_workers,
+            redundant_slots_per_worker=self.redundant_slots,
+            device=self.device,
+            cpus_per_worker=self.cpus_per_worker,
+            rebalance=self.rebalance.to_config(),
+        )
+
+
+def replica_resources(cfg: ServeAppConfig, cpus_available: float, gpus_available: float) -> dict[str, Any]:
+    """Deployment options that reserve one replica's resources (pure; CPU-tested).
+
+    Disaggregated: a placement group per replica, bundle 0 for the replica, then one bundle per
+    worker (attention ranks first). The cluster's CPUs are shared by `max_replicas` replicas
+    unless `cpus_per_worker` is given. Colocated: the replica itself runs the model."""
+    cluster = cfg.cluster_config()
+    replicas = cfg.autoscaling.max_replicas
+    if cluster is None:
+        gpus = 1.0 if cfg.device == "cuda" else 0.0
+        cpus = cfg.cpus_per_worker or max(0.01, min(1.0, math.floor(cpus_available / replicas * 100) / 100))
+        return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus}}
+    share = (cpus_available - REPLICA_CPUS * replicas) / replicas
+    workers = bundles(cluster, share, gpus_available / replicas)
+    return {
+        "ray_actor_options": {"num_cpus": REPLICA_CPUS},
+        "placement_group_bundles": [{"CPU": REPLICA_CPUS}, *workers],
+        "placement_group_strategy": cluster.placement_strategy,
+    }
+
+
+def scaling_options(cfg: ServeAppConfig) -> dict[str, Any]:
+    a = cfg.autoscaling
+    if a.min_replicas == a.max_replicas:
+        return {"num_replicas": a.min_replicas}
+    return {"autoscaling_config": a.model_dump(exclude_none=True)}
+
+
+class Ingress:
+    """HTTP (OpenAI-compatible, through `__call__`) and gRPC (methods named as the RPCs)."""
+
+    def __init__(self, engine: Any, spec: IngressSpec) -> None:
+        frontend = Frontend(engine, spec)
+        self.http = OpenAIRoutes(frontend)
+        self.grpc = GrpcService(frontend)
+
+    async def __call__(self, request: Request) -> Response:
+        return await self.http.handle(request)
+
+    async def Generate(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802 - the RPC's name
+        return await self.grpc.generate(request, grpc_context)
+
+    async def GenerateStream(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        async for message in self.grpc.generate_stream(request, grpc_context):
+            yield message
+
+
+EngineDeployment = serve.deployment(name="EngineServer", health_check_period_s=5)(EngineServer)
+IngressDeployment = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0})(Ingress)
+
+
+def build_app(config: ServeAppConfig) -> Application:
+    """The application for `serve.run`, `serve run` and `serve deploy`."""
+    import ray
+
+    if isinstance(config, dict):
+        config = ServeAppConfig.model_validate(config)
+    model_dir = resolve_model(config.model)
+    resources = ray.cluster_resources() if ray.is_initialized() else {"CPU": 1.0}
+    spec = EngineSpec(model_dir, config.engine.to_config(), config.cluster_config(), config.max_pending)
+    engine = EngineDeployment.options(
+        max_ongoing_requests=config.max_ongoing_requests or config.max_pending + 32,
+        max_queued_requests=config.max_queued_requests,
+        **scaling_options(config),
+        **replica_resources(config, resources.get("CPU", 0.0), resources.get("GPU", 0.0)),
+    ).bind(spec)
+    name = config.model_copy(update={"model": model_dir}).model_name
+    ingress = IngressDeployment.options(max_ongoing_requests=config.ingress_max_ongoing_requests)
+    return ingress.bind(engine, IngressSpec(model_dir, name))
+
+
+def resolve_model(model: str | None) -> str:
+    """The checkpoint directory, absolute; None: the tiny-maverick default (made once, cached)."""
+    path = Path(model).expanduser().resolve() if model else default_checkpoint()
+    if not (path / "config.json").exists():
+        raise ValueError(f"model {str(path)!r}: no config.json there")
+    return str(path)

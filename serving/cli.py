@@ -1,0 +1,210 @@
+"""`llama4-ep serve` and `llama4-ep client`.
+
+`serve` with no arguments: the tiny-maverick checkpoint (made once, cached), a local Ray
+instance, the application with 1 attention + 2 expert workers, HTTP on 127.0.0.1:8000 and gRPC
+on port 9000. `--expert-workers 0` serves the single-process (colocated) engine instead. Ctrl-C
+(SIGINT) or SIGTERM shuts Serve and Ray down and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from typing import Any
+
+import httpx
+
+from serving import APP_NAME
+from serving.client import Completion, GRPCClient, HTTPClient, ServerError
+
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_GRPC_PORT = 9000
+
+
+def _count(name: str, minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the model over OpenAI-style HTTP and gRPC (Ray Serve)")
+    p.add_argument("--model", help="checkpoint directory (default: the tiny-maverick checkpoint, made once)")
+    p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: dir name)")
+    p.add_argument("--attention-workers", type=_count("--attention-workers", 1), default=1)
+    p.add_argument(
+        "--expert-workers",
+        type=_count("--expert-workers", 0),
+        default=2,
+        help="expert workers per engine replica (default 2); 0 serves the single-process engine",
+    )
+    p.add_argument(
+        "--redundant-slots",
+        type=_count("--redundant-slots", 0),
+        default=0,
+        help="expert slots per worker beyond experts / workers, for replicas of hot experts",
+    )
+    p.add_argument(
+        "--rebalance",
+        action="store_true",
+        help="re-plan expert replicas from the measured load while serving",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="workers' device")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--http-port", type=_count("--http-port", 1), default=DEFAULT_HTTP_PORT)
+    p.add_argument(
+        "--grpc-port",
+        type=_count("--grpc-port", 1),
+        default=DEFAULT_GRPC_PORT,
+        help="gRPC port (all interfaces)",
+    )
+    p.add_argument(
+        "--max-pending",
+        type=_count("--max-pending", 1),
+        default=256,
+        help="requests one engine replica holds (running + waiting); more are refused with 429",
+    )
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local Ray instance")
+    p.set_defaults(func=_cmd_serve)
+
+
+def add_client_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("client", help="send one request to a running server and stream the reply")
+    p.add_argument("--grpc", action="store_true", help="use gRPC (default: HTTP)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--port", type=_count("--port", 1), default=None, help="default 8000 (HTTP) or 9000 (gRPC)"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="raw text, tokenized with <|begin_of_text|>")
+    src.add_argument("--chat", help="a user message, through the chat template")
+    p.add_argument("--max-tokens", type=_count("--max-tokens", 1), default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--no-stream", action="store_true", help="wait for the whole reply")
+    p.set_defaults(func=_cmd_client)
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    # lazy: start-up time of the CLI's other commands (these load Ray, Serve and torch)
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from serving.app import ServeAppConfig, build_app, resolve_model  # lazy: see above
+    from serving.grpc_service import SERVICER_FUNCTION  # lazy: see above
+
+    config = ServeAppConfig(
+        model=resolve_model(args.model),
+        served_model_name=args.served_model_name,
+        attention_workers=args.attention_workers,
+        expert_workers=args.expert_workers,
+        redundant_slots=args.redundant_slots,
+        rebalance={"enabled": args.rebalance},
+        device=args.device,
+        max_pending=args.max_pending,
+    )
+    ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    _stop_on_signals()  # after ray.init, which installs a SIGTERM handler of its own
+    try:
+        app = build_app(config)
+        serve.start(
+            http_options={"host": args.host, "port": args.http_port},
+            grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
+        )
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        _print_where(args, config)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nshutting down", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        _shutdown(serve, ray)
+
+
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM both stop the server cleanly (SIGINT explicitly: a shell starts a
+    background job with SIGINT ignored, and Python then never raises KeyboardInterrupt)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _shutdown(serve: Any, ray: Any) -> None:
+    # a second Ctrl-C while shutting down must not leave Ray half-stopped
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _print_where(args: argparse.Namespace, config: Any) -> None:
+    print(
+        f"llama4-ep is serving {config.model_name!r} ({config.layout()}) from {config.model}\n"
+        f"  HTTP  http://{args.host}:{args.http_port}/v1  (OpenAI-compatible; also /health, /metrics)\n"
+        f"  gRPC  {args.host}:{args.grpc_port}  (llama4_ep.Llama4EP; metadata application={APP_NAME})\n"
+        "Ctrl-C stops it.",
+        flush=True,
+    )
+
+
+# -- client ---------------------------------------------------------------------------------
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    port = args.port or (DEFAULT_GRPC_PORT if args.grpc else DEFAULT_HTTP_PORT)
+    kwargs = {
+        "prompt": args.prompt,
+        "chat": args.chat,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+    client = GRPCClient(f"{args.host}:{port}") if args.grpc else HTTPClient(f"http://{args.host}:{port}")
+    result = Completion()
+    try:
+        with client:
+            if args.no_stream:
+                result = client.generate(**kwargs) if args.grpc else client.complete(**kwargs)
+                print(result.text, flush=True)
+            else:
+                for piece in client.stream(result, **kwargs):
+                    print(piece, end="", flush=True)
+                print(flush=True)
+    except ServerError as e:
+        print(f"llama4-ep client: the server answered {e.status}: {e.message}", file=sys.stderr)
+        return 1
+    except (OSError, httpx.TransportError) as e:
+        print(f"llama4-ep client: cannot reach {args.host}:{port}: {e}", file=sys.stderr)
+        return 1
+    u = result.usage
+    print(
+        f"[finish_reason={result.finish_reason}, prompt {u.get('prompt_tokens')} + "
+        f"completion {u.get('completion_tokens')} tokens]",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,163 @@
+"""The engine deployment: each Ray Serve replica owns one engine and streams token ids.
+
+A replica builds either the disaggregated `ClusterEngine` (its attention and expert workers are
+reserved in the replica's own placement group: bundle 0 holds the replica, bundles 1.. the
+workers, attention ranks first) or, with no expert workers, the single-process `LLMEngine`.
+An `AsyncEngine` runs its step loop on a thread. Text never reaches this deployment: the ingress
+tokenizes and detokenizes, so a replica's work is token ids in, token ids out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+from ray.util import get_current_placement_group
+
+from cluster.config import ClusterConfig
+from cluster.engine import ClusterEngine
+from engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from engine.core import EngineConfig, RequestOutput
+from engine.llm_engine import LLMEngine
+from engine.protocol import Engine
+from engine.request import SamplingParams
+
+log = logging.getLogger(__name__)
+
+WORKER_BUNDLE_OFFSET = 1  # bundle 0 of a replica's placement group holds the replica itself
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a replica needs to build its engine. `cluster` None: the single-process engine."""
+
+    model_dir: str
+    engine: EngineConfig
+    cluster: ClusterConfig | None
+    max_pending: int
+    stats_interval_s: float = 5.0  # how stale the per-expert-worker token counts may be
+
+
+@dataclass(frozen=True)
+class EngineFailure:
+    """Why a request did not run, streamed instead of raised so the ingress can answer it."""
+
+    kind: str  # "invalid_request", "queue_full" or "engine_dead"
+    message: str
+
+
+def build_engine(spec: EngineSpec) -> Engine:
+    """The engine a replica owns; the cluster engine reserves its workers in this replica's group."""
+    if spec.cluster is None:
+        return LLMEngine.from_checkpoint(spec.model_dir, spec.engine)
+    group = get_current_placement_group()
+    if group is None:
+        raise ValueError("the cluster engine needs the replica's placement group (placement_group_bundles)")
+    return ClusterEngine(
+        spec.model_dir,
+        spec.cluster,
+        spec.engine,
+        placement_group=group,
+        bundle_offset=WORKER_BUNDLE_OFFSET,
+    )
+
+
+class EngineServer:
+    """One engine per replica. `generate` streams `RequestOutput`s, or one `EngineFailure`."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self.spec = spec
+        self.engine = AsyncEngine(build_engine(spec), spec.max_pending)
+        self._replica = _replica_tag()
+        self._expert_tokens: list[int] = []
+        self._expert_tokens_at = 0.0
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput | EngineFailure]:
+        """Outputs as the engine produces them. A consumer that goes away (the client
+        disconnected, the call was cancelled) aborts the request and frees its KV blocks."""
+        # closing this generator must close the engine's at once (that is what aborts the request),
+        # not whenever the garbage collector gets to it
+        outputs = self.engine.generate(prompt_token_ids, params, request_id)
+        try:
+            async with aclosing(outputs):
+                async for out in outputs:
+                    yield out
+        except QueueFullError as e:
+            yield EngineFailure("queue_full", str(e))
+        except EngineDeadError as e:
+            yield EngineFailure("engine_dead", str(e))
+        except ValueError as e:
+            yield EngineFailure("invalid_request", str(e))
+
+    def is_alive(self) -> bool:
+        return self.engine.alive
+
+    def check_health(self) -> None:
+        """Serve's health check: a dead step loop gets the replica replaced."""
+        if not self.engine.alive:
+            raise RuntimeError(f"the engine step loop stopped: {self.engine.error!r}")
+
+    async def metrics(self) -> dict[str, Any]:
+        """This replica's gauges, and the tokens each expert worker has computed (at most
+        `stats_interval_s` old: reading them costs a Ray call to every worker)."""
+        gauges = self._gauges()
+        if (
+            self.spec.cluster is not None
+            and time.monotonic() - self._expert_tokens_at > self.spec.stats_interval_s
+        ):
+            self._expert_tokens_at = time.monotonic()
+            self._expert_tokens = await asyncio.to_thread(self._read_expert_tokens)
+        return {
+            "replica": self._replica,
+            "alive": self.engine.alive,
+            "num_running": gauges.get("num_running", 0),
+            "num_waiting": gauges.get("num_waiting", 0),
+            "kv_blocks_used": gauges.get("kv_blocks_used", 0),
+            "kv_blocks_total": gauges.get("kv_blocks_total") or self.spec.engine.num_kv_blocks,
+            "num_steps": self.engine.num_steps,
+            "expert_worker_tokens": list(self._expert_tokens),
+            "balancing": dict(gauges.get("balancing") or {}),
+        }
+
+    def _gauges(self) -> dict[str, Any]:
+        """The engine's gauges now (an abort frees blocks without a step); the last step's if the
+        loop thread is changing them under us."""
+        try:
+            return dict(self.engine.engine.metrics())
+        except RuntimeError:
+            return dict(self.engine.last_metrics or {})
+
+    def _read_expert_tokens(self) -> list[int]:
+        """Rows each expert worker computed, summed over MoE layers (one row per token per MoE
+        layer: top-1 routing sends each token to exactly one expert of a layer)."""
+        try:
+            stats = self.engine.engine.stats()
+        except Exception as e:  # a scrape must not fail because a worker is busy or gone
+            log.warning("could not read expert worker stats: %s", e)
+            return self._expert_tokens
+        return [sum(s["rows_computed_per_layer"].values()) for s in stats["experts"]]
+
+    def close(self) -> None:
+        """Stop the step loop and release the engine's workers."""
+        self.engine.close()
+
+    def __del__(self) -> None:
+        # Ray Serve's shutdown hook for a replica is `__del__`; a replica whose constructor failed
+        # has no engine to close
+        if hasattr(self, "engine"):
+            self.close()
+
+
+def _replica_tag() -> str:
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # outside a Serve replica (tests that build the class directly)
+        return "local"

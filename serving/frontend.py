@@ -1,0 +1,135 @@
+"""What the HTTP routes and the gRPC service share: the model's name and context, the tokenizer,
+the call into the engine deployment, detokenization, and the metrics of every request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.request import SamplingParams
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+from serving.engine_server import EngineFailure
+from serving.metrics import RequestTimer, ServingMetrics
+from serving.openai_protocol import APIError, invalid, new_id, queue_full, unavailable
+
+log = logging.getLogger(__name__)
+
+CONTROL_TIMEOUT_S = 10.0  # health and metrics calls to the engine replicas
+
+
+@dataclass(frozen=True)
+class IngressSpec:
+    model_dir: str
+    served_model_name: str
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """One step's worth of a request's output, as the client sees it."""
+
+    token_ids: tuple[int, ...]
+    text: str  # may be "" while a multi-byte character or a possible stop string is held back
+    finish_reason: str | None  # set on the last delta only
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class Frontend:
+    def __init__(self, engine: Any, spec: IngressSpec) -> None:
+        """`engine`: a DeploymentHandle to the engine deployment."""
+        self.engine = engine
+        self.streaming = engine.options(stream=True)
+        self.tokenizer = Tokenizer(spec.model_dir)
+        self.context_length = ModelConfig.from_file(Path(spec.model_dir)).max_position_embeddings
+        self.model = spec.served_model_name
+        self.metrics = ServingMetrics(self.model)
+
+    def check_model(self, name: str) -> None:
+        if name != self.model:
+            raise invalid(
+                f"model {name!r} is not served here; the model is {self.model!r} (see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def stream(
+        self, prompt_token_ids: list[int], params: SamplingParams, timer: RequestTimer
+    ) -> AsyncIterator[TextDelta]:
+        """Text deltas of one request. Errors before the first delta raise `APIError`; a consumer
+        that stops early cancels the engine call (the engine aborts the request)."""
+        call = self.streaming.generate.remote(prompt_token_ids, params, new_id("req"))
+        text = IncrementalDetokenizer(self.tokenizer, params.stop)
+        finished = admitted = False
+        items = _engine_items(call)
+        try:
+            async for item in items:
+                if isinstance(item, EngineFailure):
+                    raise _failure_error(item)
+                if not admitted:
+                    timer.admitted(item.num_prompt_tokens)
+                    admitted = True
+                timer.tokens(item.new_token_ids)
+                finished = item.finished
+                delta = text.add(item.new_token_ids, final=finished)
+                reason = (item.finish_reason.value if item.finish_reason else "stop") if finished else None
+                yield TextDelta(
+                    item.new_token_ids, delta, reason, item.num_prompt_tokens, item.num_output_tokens
+                )
+        finally:
+            await items.aclose()
+            if not finished:
+                _cancel(call)
+
+    async def engine_snapshots(self) -> list[dict[str, Any]]:
+        """`EngineServer.metrics()` of every engine replica (those that answer in time)."""
+        results = await self._broadcast("metrics")
+        return [r for r in results if isinstance(r, dict)]
+
+    async def engine_alive(self) -> bool:
+        """True when there is an engine replica and every one of them runs its step loop."""
+        results = await self._broadcast("is_alive")
+        return bool(results) and all(r is True for r in results)
+
+    async def _broadcast(self, method: str) -> list[Any]:
+        try:
+            response = self.engine.broadcast(method)
+            return await response.results_async(timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True)
+        except Exception as e:
+            log.warning("engine %s call failed: %s", method, e)
+            return []
+
+
+async def _engine_items(call: Any) -> AsyncIterator[Any]:
+    """The engine deployment's stream, with Serve's own refusals turned into API errors."""
+    try:
+        async for item in call:
+            yield item
+    except BackPressureError as e:
+        raise queue_full(f"the engine's queue is full; retry later ({e.message})") from None
+    except (DeploymentUnavailableError, RayActorError) as e:
+        raise unavailable(f"the engine is unavailable: {e}") from None
+
+
+def _cancel(call: Any) -> None:
+    """Stop the engine call (it aborts the request); a call Serve refused has nothing to stop."""
+    try:
+        call.cancel()
+    except Exception as e:
+        log.debug("cancel after %s: nothing to cancel", type(e).__name__)
+
+
+def _failure_error(failure: EngineFailure) -> APIError:
+    if failure.kind == "queue_full":
+        return queue_full(failure.message)
+    if failure.kind == "engine_dead":
+        return unavailable(failure.message)
+    return invalid(failure.message)

@@ -1,0 +1,93 @@
+"""Each `llama4-ep bench ...` at tiny sizes: it runs, prints a table, and ends with one JSON line of
+sane figures. No timing is asserted (benchmarks are scripts, not timed tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli.main import main
+
+
+def bench_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    assert main(["bench", *args]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) > 1  # a table first
+    return json.loads(lines[-1])
+
+
+def test_bench_decode_cluster_engine_and_transformers(capsys, ray_session, tiny_maverick):
+    figures = bench_json(
+        capsys,
+        "decode",
+        "--model",
+        str(tiny_maverick),
+        "--batch",
+        "2",
+        "--new-tokens",
+        "3",
+        "--prompt-len",
+        "4",
+        "--expert-workers",
+        "1",
+        "--reps",
+        "1",
+    )
+    for key in ("engine_decode_tok_s", "cluster_decode_tok_s", "transformers_decode_tok_s"):
+        assert figures[key] > 0
+    # the ratios are what the rates say (the rates are rounded to 2 decimals first)
+    hf = figures["transformers_decode_tok_s"]
+    assert figures["speedup_vs_transformers"] == pytest.approx(figures["engine_decode_tok_s"] / hf, abs=0.01)
+    assert figures["cluster_speedup_vs_transformers"] == pytest.approx(
+        figures["cluster_decode_tok_s"] / hf, abs=0.01
+    )
+    assert figures["cluster_workers"] == [1, 1]
+
+
+def test_bench_dispatch(capsys):
+    figures = bench_json(
+        capsys,
+        "dispatch",
+        "--expert-ranks",
+        "1",
+        "--experts",
+        "8",
+        "--hidden",
+        "16",
+        "--intermediate",
+        "16",
+        "--tokens",
+        "4,8",
+        "--layers",
+        "2",
+        "--reps",
+        "2",
+    )
+    assert [r["num_tokens"] for r in figures["results"]] == [4, 8]
+    for r in figures["results"]:
+        for key in ("all_to_all_ms", "dispatch_ms", "dispatch_with_compute_ms", "expert_compute_ms"):
+            assert r[key] > 0
+        assert r["overhead_vs_all_to_all"] > 0
+    assert figures["overhead_vs_all_to_all"] == max(r["overhead_vs_all_to_all"] for r in figures["results"])
+
+
+def test_bench_kv_accounts_the_layer_mix(capsys):
+    figures = bench_json(
+        capsys,
+        "kv",
+        "--sizes",
+        "64,256",
+        "--chunk-size",
+        "128",
+        "--prefill-chunk",
+        "32",
+        "--block-sizes",
+        "16,32",
+    )
+    # block-aligned lengths: exactly the minimum; at 256 tokens 12 global layers keep 256 and 36
+    # chunked ones keep the 128 of the current chunk: (12 * 256 + 36 * 128) / (48 * 256)
+    assert figures["excess_over_minimum"] == 0
+    assert figures["ratio_to_full"] == {"64": 1.0, "256": 0.625}
+    assert set(figures["worst_excess_in_half_to_n_per_block_size"]) == {"16", "32"}
+    assert len(figures["results"]) == 2 * 2 * 2  # block sizes x scenarios x sizes

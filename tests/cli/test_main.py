@@ -1,0 +1,113 @@
+"""The command line, run as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.helpers import hf_greedy
+
+
+def llama4_ep(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_make_checkpoint_sharded(tmp_path):
+    out = tmp_path / "scout"
+    r = llama4_ep(
+        "make-checkpoint",
+        "--preset",
+        "tiny-scout",
+        "--out",
+        str(out),
+        "--seed",
+        "3",
+        "--max-shard-size",
+        "15MB",
+    )
+    assert r.returncode == 0, r.stderr
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert all(name.startswith("language_model.") for name in index["weight_map"])
+    assert len(set(index["weight_map"].values())) > 1
+
+
+def test_generate_json_batch_matches_transformers(tiny_maverick):
+    prompt = [200000, 1263, 7, 99, 4512, 8, 300, 12, 77, 5, 19000, 42]
+    r = llama4_ep(
+        "generate",
+        "--model",
+        str(tiny_maverick),
+        "--prompt-ids",
+        ",".join(map(str, prompt)),
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [d["index"] for d in lines] == [0, 1]
+    assert lines[0]["prompt_token_ids"] == prompt and len(lines[0]["token_ids"]) == 12
+    assert lines[1]["prompt_token_ids"][0] == 200000 and isinstance(lines[1]["text"], str)
+    expected, _ = hf_greedy(tiny_maverick, prompt, 12)
+    assert lines[0]["token_ids"] == expected
+
+
+def test_default_model_is_made_once(tmp_path):
+    env = {"LLAMA4_EP_CACHE": str(tmp_path)}
+    first = llama4_ep("generate", "--chat", "hi", "--max-tokens", "3", env_extra=env)
+    assert first.returncode == 0, first.stderr
+    assert "making the tiny-maverick checkpoint" in first.stderr
+    second = llama4_ep("generate", "--chat", "hi", "--max-tokens", "3", env_extra=env)
+    assert "making" not in second.stderr and second.stdout == first.stdout
+
+
+def test_bad_values_are_named(tiny_maverick):
+    cases = [
+        (["--prompt-ids", "1,x"], "'x' is not an integer"),
+        (["--prompt-ids", "1,999999"], "999999"),
+        (["--prompt", "a", "--max-tokens", "0"], "--max-tokens"),
+        (["--prompt", "a", "--top-p", "0"], "top_p"),
+        (["--prompt", "a", "--dtype", "int3"], "int3"),
+        ([], "at least one of --prompt"),
+    ]
+    for args, message in cases:
+        r = llama4_ep("generate", "--model", str(tiny_maverick), *args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+
+
+def test_generate_through_the_cluster_equals_single_process(tiny_maverick):
+    args = [
+        "generate",
+        "--model",
+        str(tiny_maverick),
+        "--prompt",
+        "Hello there",
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        "8",
+        "--json",
+    ]
+    single = llama4_ep(*args)
+    cluster = llama4_ep(*args, "--attention-workers", "2", "--expert-workers", "3")
+    assert cluster.returncode == 0, cluster.stderr
+    assert cluster.stdout == single.stdout
+
+
+def test_cluster_arguments_are_checked(tiny_maverick):
+    base = ["generate", "--model", str(tiny_maverick), "--prompt", "x"]
+    for extra, message in [
+        (["--attention-workers", "0"], "--attention-workers"),
+        (["--expert-workers", "200"], "200 expert workers for 128 experts"),
+        (["--expert-workers", "2", "--device", "tpu"], "unknown device 'tpu'"),
+    ]:
+        r = llama4_ep(*base, *extra)
+        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)

@@ -1,0 +1,129 @@
+"""The application's arguments, its placement arithmetic, the Serve config file and the stubs,
+without starting Serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+from ray.serve.schema import ServeDeploySchema
+
+from serving.app import REPLICA_CPUS, ServeAppConfig, build_app, replica_resources, scaling_options
+from serving.proto_gen import PROTO, STUBS, generate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_one_attention_and_two_expert_workers():
+    cfg = ServeAppConfig()
+    assert (cfg.attention_workers, cfg.expert_workers) == (1, 2)
+    assert cfg.cluster_config().num_workers == 3
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"expert_workers": -1},
+        {"attention_workers": 0},
+        {"device": "tpu"},
+        {"engine": {"dtype": "float7"}},
+        {"engine": {"num_kv_blocks": 0}},
+        {"autoscaling": {"min_replicas": 3, "max_replicas": 2}},
+        {"max_queued_requests": 0},
+        {"expert_wokers": 2},
+        {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 3}},
+        {"autoscaling": {"upscale_delay_s": -1}},
+        {"redundant_slots": -1},
+        {"rebalance": {"interval_steps": 0}},
+        {"rebalance": {"enabled": True, "intervall_steps": 8}},
+        {"expert_workers": 0, "rebalance": {"enabled": True}},
+        {"expert_workers": 0, "redundant_slots": 1},
+    ],
+)
+def test_bad_arguments_are_refused(args):
+    with pytest.raises(ValidationError):
+        ServeAppConfig.model_validate(args)
+
+
+def test_autoscaling_delays_and_replication_reach_serve_and_the_cluster():
+    from ray.serve.config import AutoscalingConfig
+
+    cfg = ServeAppConfig(
+        autoscaling={"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 1, "downscale_delay_s": 5},
+        redundant_slots=2,
+        rebalance={"enabled": True, "interval_steps": 8},
+    )
+    serve_cfg = AutoscalingConfig(**scaling_options(cfg)["autoscaling_config"])
+    assert (serve_cfg.upscale_delay_s, serve_cfg.downscale_delay_s, serve_cfg.max_replicas) == (1, 5, 3)
+    cluster = cfg.cluster_config()
+    assert cluster.redundant_slots_per_worker == 2
+    assert cluster.rebalance.enabled and cluster.rebalance.interval_steps == 8
+    assert not ServeAppConfig().cluster_config().rebalance.enabled
+
+
+def test_disaggregated_replica_holds_its_workers_in_its_own_bundles():
+    opts = replica_resources(ServeAppConfig(attention_workers=1, expert_workers=2), 2.0, 0.0)
+    bundles = opts["placement_group_bundles"]
+    assert bundles[0] == {"CPU": REPLICA_CPUS} == {"CPU": opts["ray_actor_options"]["num_cpus"]}
+    assert len(bundles) == 4
+    assert sum(b["CPU"] for b in bundles) <= 2.0
+
+
+def test_replicas_share_the_cpus_and_gpu_workers_get_a_gpu_each():
+    cfg = ServeAppConfig(autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8})
+    bundles = replica_resources(cfg, 8.0, 0.0)["placement_group_bundles"]
+    assert 2 * sum(b["CPU"] for b in bundles) <= 8.0
+    gpu_cfg = ServeAppConfig(device="cuda", expert_workers=3)
+    gpu = replica_resources(gpu_cfg, 16.0, 4.0)["placement_group_bundles"]
+    assert [b.get("GPU", 0) for b in gpu] == [0, 1, 1, 1, 1]
+    assert scaling_options(cfg) == {
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}
+    }
+    assert scaling_options(ServeAppConfig()) == {"num_replicas": 1}
+
+
+def test_colocated_replica_runs_the_model_itself():
+    opts = replica_resources(ServeAppConfig(expert_workers=0), 2.0, 0.0)
+    assert "placement_group_bundles" not in opts
+    assert opts["ray_actor_options"]["num_cpus"] == 1.0
+
+
+def test_fixed_sizes_do_not_depend_on_the_cluster_right_now():
+    """An autoscaling cluster (KubeRay) adds nodes while the placement group waits, so fixed
+    bundle sizes are not checked against what is there when the app is deployed."""
+    options = replica_resources(ServeAppConfig(expert_workers=4, cpus_per_worker=1.0), 2.0, 0.0)
+    assert options["placement_group_bundles"][1:] == [{"CPU": 1.0}] * 5
+    gpu = replica_resources(ServeAppConfig(expert_workers=4, device="cuda"), 1.0, 0.0)
+    assert gpu["placement_group_bundles"][1:] == [{"GPU": 1.0, "CPU": 1.0}] * 5
+
+
+def test_serve_validates_the_builder_arguments(tiny_maverick):
+    app = call_user_app_builder_with_args_if_necessary(build_app, {"model": str(tiny_maverick)})
+    ingress = app._bound_deployment
+    assert ingress.name == "Ingress"
+    engine_spec = ingress.init_args[0]._bound_deployment.init_args[0]
+    assert engine_spec.model_dir == str(tiny_maverick) and engine_spec.cluster.num_workers == 3
+    with pytest.raises(ValidationError, match="expert_workers"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"expert_workers": "many"})
+
+
+def test_the_repository_serve_config_is_valid():
+    raw = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    (app,) = schema.applications
+    assert app.import_path == "serving.app:build_app"
+    ServeAppConfig.model_validate(app.args)
+    (servicer,) = schema.grpc_options.grpc_servicer_functions
+    module, _, func = servicer.rpartition(".")
+    assert callable(getattr(__import__(module, fromlist=[func]), func))
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    pytest.importorskip("grpc_tools")
+    generate(tmp_path, PROTO)
+    here = ROOT / "serving" / "proto_gen"
+    for name in STUBS:
+        assert (tmp_path / name).read_text() == (here / name).read_text(), f"{name} is stale: regenerate"
