@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from attention.decoder import Llama4Decoder
 from attention.paged import KVPool, SeqChunk, build_batch
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
 from engine.request import FinishReason, Request
-from engine.sampling import make_generator, sample
+from engine.sampling import new_seed, sample
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from model.checkpoint import parse_dtype
 from model.config import ModelConfig
@@ -77,26 +75,38 @@ class EngineCore:
             self.pool.bytes_per_block,
         )
         self.scheduler = Scheduler(SchedulerConfig(engine_cfg.max_num_seqs, engine_cfg.token_budget), self.kv)
-        self._generators: dict[str, torch.Generator] = {}
+        self._seeds: dict[str, int] = {}
         self._stops: dict[str, IncrementalDetokenizer] = {}
         self._requests: dict[str, Request] = {}
+        self._pending: SchedulerOutput | None = None  # a step that ran into an error, to replay
+        self._deferred_aborts: list[str] = []
 
     def add_request(self, request: Request) -> None:
+        """Queue a request. One that already has output tokens (re-admitted after its attention
+        worker was lost) catches up on prompt and outputs, then continues where it stopped."""
         limit = self.cfg.max_position_embeddings
         if request.num_tokens + request.params.max_tokens > limit:
             raise ValueError(
                 f"request {request.request_id!r}: prompt ({request.num_tokens} tokens) plus max_tokens "
                 f"({request.params.max_tokens}) exceeds the context length {limit}"
             )
+        if request.params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
         self.scheduler.add(request)
         self._requests[request.request_id] = request
-        self._generators[request.request_id] = make_generator(request.params.seed)
+        seed = request.params.seed
+        self._seeds[request.request_id] = seed if seed is not None else new_seed()
         if request.params.stop:
-            if self.tokenizer is None:
-                raise ValueError("stop strings need a tokenizer")
-            self._stops[request.request_id] = IncrementalDetokenizer(self.tokenizer, request.params.stop)
+            detok = IncrementalDetokenizer(self.tokenizer, request.params.stop)
+            detok.add(request.output_token_ids)
+            self._stops[request.request_id] = detok
 
     def abort(self, request_id: str) -> RequestOutput | None:
+        """Finish a request with ABORT. While a step waits to be replayed the abort waits too (the
+        replay reads the request's KV blocks)."""
+        if self._pending is not None:
+            self._deferred_aborts.append(request_id)
+            return None
         request = self.scheduler.abort(request_id)
         if request is None:
             return None
@@ -118,13 +128,24 @@ class EngineCore:
             "kv_bytes_used": usage.bytes_used,
         }
 
+    @property
+    def has_pending_step(self) -> bool:
+        """A step was scheduled and its execution failed (a lost peer); `step()` replays it."""
+        return self._pending is not None
+
     def step(self, run_empty: bool = False) -> list[RequestOutput]:
         """Schedule, run the decoder over the scheduled chunks, sample, update. With `run_empty`
-        the decoder runs even with no tokens (a lock-step rank must join every exchange)."""
-        sched = self.scheduler.schedule()
+        the decoder runs even with no tokens (a lock-step rank must join every exchange).
+
+        A step is atomic: if running it raises (a collective broke), scheduler and KV state stay
+        where the schedule left them and the next call runs the same schedule again; its KV
+        writes are for the same positions and are rewritten with the same values."""
+        sched = self._pending or self.scheduler.schedule()
         if not sched.chunks and not run_empty:
             return []
+        self._pending = sched
         sampled = self._execute(sched)
+        self._pending = None
         before = {c.request_id: len(self._requests[c.request_id].output_token_ids) for c in sched.chunks}
         outputs = []
         for request in self.scheduler.update(sched, sampled):
@@ -133,6 +154,9 @@ class EngineCore:
             outputs.append(_output(request, new))
             if request.is_finished:
                 self._forget(request.request_id)
+        for request_id in self._deferred_aborts:
+            self.abort(request_id)
+        self._deferred_aborts.clear()
         return outputs
 
     def _execute(self, sched: SchedulerOutput) -> dict[str, int]:
@@ -150,7 +174,13 @@ class EngineCore:
             return {}
         logits = self.decoder.logits(hidden[batch.last_token_index[rows]])
         ids = [sched.chunks[i].request_id for i in rows]
-        tokens = sample(logits, [self._requests[r].params for r in ids], [self._generators[r] for r in ids])
+        requests = [self._requests[r] for r in ids]
+        tokens = sample(
+            logits,
+            [r.params for r in requests],
+            [self._seeds[r] for r in ids],
+            [len(r.output_token_ids) for r in requests],
+        )
         return dict(zip(ids, tokens, strict=True))
 
     def _key_start(self, layer_idx: int, start_pos: int) -> int:
@@ -168,7 +198,7 @@ class EngineCore:
             self.scheduler.finish(request.request_id, FinishReason.STOP)
 
     def _forget(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
+        self._seeds.pop(request_id, None)
         self._stops.pop(request_id, None)
         self._requests.pop(request_id, None)
 

@@ -1,35 +1,45 @@
-"""Token sampling on the attention side: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Token sampling on the attention side: greedy, temperature, top-k, top-p, per-request seeds.
+
+A sampled token's random draw depends only on the request's seed and the token's index in the
+output, never on the batch, the step or the rank: a request recomputed elsewhere (after its
+attention worker was lost, or after a preemption) draws the same tokens.
+"""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
 
 from engine.request import SamplingParams
 
+_SEED_BITS = 63
+_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads consecutive indices over the seed space
 
-def make_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    return g
+
+def new_seed() -> int:
+    """A seed for a request that did not ask for one (fixed for its whole life)."""
+    return random.getrandbits(_SEED_BITS)
+
+
+def draw_seed(seed: int, token_index: int) -> int:
+    """The generator seed of one draw: a mix of the request's seed and the token's index."""
+    return (seed ^ ((token_index + 1) * _MIX)) % (1 << _SEED_BITS)
 
 
 def sample(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+    logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int], token_indices: Sequence[int]
 ) -> list[int]:
-    """logits [N, V] fp32, one row per request -> N token ids.
-
-    Each row samples with its own generator, so a request's tokens do not depend on what else
-    is in the batch.
-    """
+    """logits [N, V] fp32, one row per request -> N token ids. Row i draws with a generator
+    seeded from (seeds[i], token_indices[i])."""
     out = []
-    for row, p, g in zip(logits, params, generators, strict=True):
-        out.append(int(row.argmax()) if p.temperature == 0.0 else _sample_row(row, p, g))
+    for row, p, seed, index in zip(logits, params, seeds, token_indices, strict=True):
+        out.append(int(row.argmax()) if p.temperature == 0.0 else _sample_row(row, p, seed, index))
     return out
 
 
-def _sample_row(row: torch.Tensor, p: SamplingParams, g: torch.Generator) -> int:
+def _sample_row(row: torch.Tensor, p: SamplingParams, seed: int, index: int) -> int:
     scores = row / p.temperature
     if p.top_k > 0:
         kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
@@ -40,4 +50,5 @@ def _sample_row(row: torch.Tensor, p: SamplingParams, g: torch.Generator) -> int
         before = sorted_probs.cumsum(0) - sorted_probs  # mass strictly above each token
         sorted_probs = sorted_probs.masked_fill(before >= p.top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=g).item())
+    generator = torch.Generator(device=row.device).manual_seed(draw_seed(seed, index))
+    return int(torch.multinomial(probs, 1, generator=generator).item())

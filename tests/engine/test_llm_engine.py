@@ -8,7 +8,7 @@ from engine.core import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.llm_engine import LLMEngine
 from engine.protocol import Engine
-from engine.request import FinishReason, SamplingParams
+from engine.request import FinishReason, Request, SamplingParams
 from tests.helpers import hf_greedy, random_prompts
 
 GREEDY_32 = SamplingParams(max_tokens=32, ignore_eos=True)
@@ -116,3 +116,58 @@ def test_implements_the_engine_protocol(tiny_maverick, engines):
     stats = engine.stats()  # the colocated experts count their rows like an expert worker
     assert [e["worker_idx"] for e in stats["experts"]] == [0]
     assert sum(stats["experts"][0]["rows_computed_per_layer"].values()) > 0
+
+
+def test_a_readmitted_request_continues_with_the_same_sampled_tokens(tiny_maverick, engines):
+    """Seeded draws depend on the seed and the token's index only: a request re-admitted with the
+    tokens it already streamed (as after its attention worker was lost) draws the rest again."""
+    engine = engines[tiny_maverick]
+    prompt = random_prompts([11], seed=12)[0]
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_k=40, seed=77, ignore_eos=True)
+    whole = engine.generate([prompt], params)[0].token_ids
+    engine.core.add_request(Request("again", prompt, params, output_token_ids=whole[:5]))
+    rest = []
+    while engine.has_unfinished:
+        rest += [t for out in engine.step() for t in out.new_token_ids]
+    assert whole[:5] + rest == whole
+
+
+class _FailOnce:
+    """A MoE backend whose n-th dispatch raises, as when a peer is lost mid-step."""
+
+    def __init__(self, inner, fail_at: int) -> None:
+        self.inner, self.calls, self.fail_at = inner, 0, fail_at
+
+    def dispatch(self, layer_idx, routed_in, expert_idx):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("connection closed by peer")
+        return self.inner.dispatch(layer_idx, routed_in, expert_idx)
+
+
+def test_a_failed_step_is_replayed_never_half_applied(tiny_maverick):
+    cfg = EngineConfig(num_kv_blocks=512, block_size=4, token_budget=24)
+    prompts = random_prompts([30, 7], seed=13)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    expected = [r.token_ids for r in LLMEngine.from_checkpoint(tiny_maverick, cfg).generate(prompts, params)]
+    engine = LLMEngine.from_checkpoint(tiny_maverick, cfg)
+    experts = _FailOnce(engine.core.decoder.experts, fail_at=7)  # inside the 2nd step (4 MoE layers)
+    engine.core.decoder.experts = experts
+    ids = [engine.add(p, params) for p in prompts]
+    tokens = {i: [] for i in ids}
+    failures = 0
+    while engine.has_unfinished:
+        try:
+            outputs = engine.step()
+        except RuntimeError:
+            failures += 1
+            assert engine.core.has_pending_step
+            engine.abort(ids[1])  # an abort meanwhile waits for the replay
+            assert engine.core.scheduler.num_running == 2
+            ids = ids[:1]
+            continue
+        for out in outputs:
+            tokens[out.request_id] += out.new_token_ids
+    assert failures == 1 and not engine.core.has_pending_step
+    assert tokens[ids[0]] == expected[0]
+    assert engine.core.kv.usage().blocks_used == 0
