@@ -7,20 +7,24 @@ call per step (`step`), carrying the requests that join and the ones cancelled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from attention.decoder import Llama4Decoder, load_non_expert_weights
-from cluster.rendezvous import ProcessGroupMember
+from cluster.membership import StoreAddress
+from cluster.rendezvous import ProcessGroupMember, first_line
 from engine.core import EngineConfig, EngineCore, RequestOutput
 from engine.request import Request
 from model.checkpoint import CheckpointReader, parse_dtype
 from model.tokenizer import Tokenizer
-from router.dispatcher import AttentionDispatcher, Command, Header, exchange_header
+from router.dispatcher import AttentionDispatcher
 from router.layout import RankLayout
 from router.placement import Placement
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class StepResult:
     kv_blocks_total: int = 0
     expert_load: torch.Tensor | None = None  # int64 [L, E] tokens per logical expert this step
     slot_load: torch.Tensor | None = None  # int64 [L, W*S] tokens per physical slot this step
-    extra: dict = field(default_factory=dict)
+    failed: str = ""  # the step did not complete (its group broke); nothing of it was applied
 
 
 class AttentionWorker(ProcessGroupMember):
@@ -56,25 +60,51 @@ class AttentionWorker(ProcessGroupMember):
         device: str,
     ) -> None:
         super().__init__(device)
-        self.dp_rank = self.rank = dp_rank
+        self.dp_rank = dp_rank
         dtype = parse_dtype(engine_cfg.dtype)
         with CheckpointReader(Path(model_dir)) as reader:
             cfg = reader.config
             weights = load_non_expert_weights(reader, dtype)
+        self.moe_layers = cfg.moe_layers
         self.dispatcher = AttentionDispatcher(layout, placement, cfg.moe_layers, dp_rank, self.device)
         decoder = Llama4Decoder(cfg, weights, self.dispatcher)
         self.core = EngineCore(cfg, decoder, engine_cfg, Tokenizer(model_dir))
+        self._admitted_step = -1
+
+    def join_epoch(
+        self,
+        store: StoreAddress,
+        epoch: int,
+        dp_rank: int,
+        layout: RankLayout,
+        placement: Placement,
+        collective_timeout_s: float,
+    ) -> int:
+        """Join `epoch`'s group as attention rank `dp_rank` of `layout`, routing by `placement`.
+        Requests, KV cache and a step waiting to be replayed stay as they are."""
+        self.dp_rank = dp_rank
+        self.dispatcher = AttentionDispatcher(layout, placement, self.moe_layers, dp_rank, self.device)
+        self.core.decoder.experts = self.dispatcher
+        return self.join(store, epoch, dp_rank, layout.world_size, collective_timeout_s)
 
     def step(self, step: StepInput) -> StepResult:
         """One lock-step across the world: every attention rank runs the layers, with or without
-        tokens, so every exchange has all its members."""
+        tokens, so every exchange has all its members. A step whose collectives break (a peer was
+        lost) leaves the group and reports `failed`; the engine replays it in the next epoch."""
         rejected = self._admit(step)
         if step.placement is not None:
             self.dispatcher.placement = step.placement  # between steps: a step uses one version
-        header = Header(step.step_id, self.dispatcher.placement.version, Command.STEP)
-        exchange_header(header if self.dp_rank == 0 else None, self.device)
         self.dispatcher.step_id = step.step_id
-        outputs = self.core.step(run_empty=True)
+        try:
+            outputs = self.core.step(run_empty=True)
+        except Exception as e:
+            self.dispatcher.end_step(completed=False)
+            self.leave()  # at once: peers still blocked on this rank wake up with an error
+            log.warning(
+                "attention rank %d left epoch %d at step %d: %s", self.dp_rank, self.epoch, step.step_id, e
+            )
+            return StepResult(self.dp_rank, (), tuple(rejected), failed=first_line(e))
+        self.dispatcher.end_step(completed=True)
         usage, sched = self.core.kv.usage(), self.core.scheduler
         expert_load, slot_load = self.dispatcher.take_load()
         return StepResult(
@@ -90,6 +120,10 @@ class AttentionWorker(ProcessGroupMember):
         )
 
     def _admit(self, step: StepInput) -> list[tuple[str, str]]:
+        """Apply a step's aborts and new requests once (a replay of the same step id skips them)."""
+        if step.step_id == self._admitted_step:
+            return []
+        self._admitted_step = step.step_id
         rejected = []
         for request_id in step.aborts:
             self.core.abort(request_id)
@@ -118,14 +152,11 @@ class AttentionWorker(ProcessGroupMember):
             )
         self.core.decoder.weights = replace(weights, layers=layers)
 
-    def stop_experts(self) -> None:
-        """Every attention rank joins the STOP broadcast; rank 0's header ends the expert loops."""
-        header = Header(-1, self.dispatcher.placement.version, Command.STOP)
-        exchange_header(header if self.dp_rank == 0 else None, self.device)
-
     def stats(self) -> dict:
         return {
             "dp_rank": self.dp_rank,
+            "epoch": self.epoch,
+            # this epoch's rows, over the steps that completed (the row-count invariant is per epoch)
             "rows_sent_per_layer": dict(self.dispatcher.sent.per_layer),
             "rows_returned_per_layer": dict(self.dispatcher.returned.per_layer),
         }

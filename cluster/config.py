@@ -14,6 +14,32 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass(frozen=True)
+class FaultTolerance:
+    """How the engine notices a lost or stalled worker, and how hard it tries to recover.
+
+    A dead worker (process or node gone) is noticed at once: its peers' collectives fail as its
+    sockets close, and Ray reports the actor's death. A stalled one is noticed by the driver: a
+    step running longer than `stall_check_s` makes it ping every worker on its control thread;
+    one that does not answer within `ping_timeout_s` is killed and handled as lost. Collectives
+    time out after `collective_timeout_s` whatever happens (the step-scoped backstop)."""
+
+    collective_timeout_s: float = 30.0
+    stall_check_s: float = 5.0
+    ping_timeout_s: float = 5.0
+    max_recoveries_per_step: int = 3  # a step that keeps failing with every worker alive is a bug
+    max_slots_per_worker: int | None = None  # None: survivors may grow to hold every expert
+
+    def __post_init__(self) -> None:
+        for name in ("collective_timeout_s", "stall_check_s", "ping_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_recoveries_per_step < 1:
+            raise ValueError(f"max_recoveries_per_step must be >= 1, got {self.max_recoveries_per_step}")
+        if self.max_slots_per_worker is not None and self.max_slots_per_worker < 1:
+            raise ValueError(f"max_slots_per_worker must be >= 1 or None, got {self.max_slots_per_worker}")
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     num_attention_workers: int = 1
     num_expert_workers: int = 1
@@ -23,6 +49,7 @@ class ClusterConfig:
     cpus_per_worker: float | None = None  # None: share the node's CPUs among the workers
     # load statistics are always collected; enabled=False keeps the static placement
     rebalance: RebalanceConfig = field(default_factory=lambda: RebalanceConfig(enabled=False))
+    faults: FaultTolerance = field(default_factory=FaultTolerance)
 
     def __post_init__(self) -> None:
         if self.num_attention_workers < 1:

@@ -1,9 +1,15 @@
 """The disaggregated engine: M attention workers and N expert workers on Ray.
 
-The driver holds no model state. Each step it makes one Ray call per attention worker (new
-requests, cancellations) and gathers the token ids they sampled; expert workers run their own
-loop driven by the header attention rank 0 broadcasts, so they get no Ray call per step.
-Requests go to the attention rank with the fewest unfinished requests.
+The driver holds no model state. Each step it writes the step's header to its store (expert
+workers wait on it) and makes one Ray call per attention worker (new requests, cancellations),
+then gathers the token ids they sampled. Requests go to the attention rank with the fewest
+unfinished requests.
+
+Workers are expected to die. A step that loses a worker (or finds one hung) does not fail its
+requests: `cluster.recovery` forms a new membership epoch over the survivors (re-planning the
+experts over the live expert workers, re-admitting a lost attention rank's requests elsewhere)
+and the step runs again. Only when no attention or no expert worker is left does `step` raise
+`ClusterUnavailable`.
 """
 
 from __future__ import annotations
@@ -21,21 +27,19 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.attention_worker import AttentionWorker, StepInput, StepResult
 from cluster.config import ClusterConfig
 from cluster.expert_worker import ExpertWorker
+from cluster.membership import Command, HeaderBoard
 from cluster.placement_groups import bundles_in, reserve
 from cluster.rebalancer import Rebalancer
-from engine.core import EngineConfig, RequestOutput
-from engine.data_parallel import least_loaded_rank
+from cluster.recovery import ClusterUnavailable, FaultStats, Recovery, StepOutcome, await_step
+from engine.core import EngineConfig, RequestOutput, check_fits
+from engine.data_parallel import RequestBook
 from engine.protocol import Completion, generate
-from engine.request import FinishReason, Request, SamplingParams
+from engine.request import FinishReason, SamplingParams
 from model.config import ModelConfig
+from router.nodes import spread_over_nodes
 
 log = logging.getLogger(__name__)
-
-
-class RequestRejected(ValueError):
-    def __init__(self, request_id: str, reason: str) -> None:
-        super().__init__(reason)
-        self.request_id = request_id
+__all__ = ["ClusterEngine", "ClusterUnavailable", "generate_on_cluster"]
 
 
 class ClusterEngine:
@@ -66,16 +70,16 @@ class ClusterEngine:
         self._pg = None  # the group this engine made (and removes)
         self._given_pg = placement_group
         self._bundle_offset = bundle_offset
-        self._loops: list[ray.ObjectRef] = []
+        self.loops: list[ray.ObjectRef] = []
         self.attention: list = []
         self.experts: list = []
         self._ids = itertools.count()
         self._step_ids = itertools.count()
-        self._pending: list[list[Request]] = [[] for _ in range(cluster.num_attention_workers)]
-        self._aborts: list[list[str]] = [[] for _ in range(cluster.num_attention_workers)]
-        self._owner: dict[str, int] = {}
+        self.book = RequestBook(cluster.num_attention_workers)
         self.last_results: list[StepResult] = []
         self.rebalancer: Rebalancer | None = None
+        self.faults = FaultStats()
+        self.board: HeaderBoard | None = None
         try:
             self._start()
         except BaseException:
@@ -93,17 +97,24 @@ class ClusterEngine:
     def _start(self) -> None:
         c = self.cluster
         pg, offset, specs = self._reserve()
+        m = c.num_attention_workers
+        bundle_nodes = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+        self.expert_nodes = [bundle_nodes[offset + m + w] for w in range(c.num_expert_workers)]
+        # replicas of one expert on different nodes where there are several (a node's loss then
+        # leaves each replicated expert served)
+        self.placement = spread_over_nodes(self.placement, self.expert_nodes)
 
         def options(i: int) -> dict:
             strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=offset + i)
+            # two threads: a step (or the expert loop) blocks one; control calls and pings use the other
             return {
                 "scheduling_strategy": strategy,
                 "num_cpus": specs[i].get("CPU", 0),
                 "num_gpus": specs[i].get("GPU", 0),
+                "max_concurrency": 2,
             }
 
         attn_cls, expert_cls = ray.remote(AttentionWorker), ray.remote(ExpertWorker)
-        m = c.num_attention_workers
         self.attention = [
             attn_cls.options(**options(r)).remote(
                 self.model_dir, r, self.layout, self.placement, self.engine_cfg, c.device
@@ -111,115 +122,99 @@ class ClusterEngine:
             for r in range(m)
         ]
         self.experts = [
-            # two threads: the step loop blocks one; stats and control calls use the other
-            expert_cls.options(max_concurrency=2, **options(m + w)).remote(
+            expert_cls.options(**options(m + w)).remote(
                 self.model_dir, w, self.layout, self.placement, self.engine_cfg.dtype, c.device
             )
             for w in range(c.num_expert_workers)
         ]
-        workers = self.attention + self.experts
-        master = ray.get(self.attention[0].address.remote())
-        ray.get([w.join.remote(master, self.layout.world_size) for w in workers])
-        self._loops = [e.run_loop.remote() for e in self.experts]
-        self.rebalancer = Rebalancer(self.placement, c.rebalance, self.experts)
+        self.board = HeaderBoard(ray.util.get_node_ip_address())
+        self.recovery = Recovery(self)
+        self.recovery.join(self.board.new_epoch())
+        self.rebalancer = Rebalancer(self.placement, c.rebalance, self.experts, self.expert_nodes)
 
     # -- requests -------------------------------------------------------------------------
 
     def add(
         self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> str:
+        """Queue a request; one that can never run (too long for the context or for one attention
+        worker's KV cache) raises ValueError with the numbers."""
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._owner:
+        if request_id in self.book:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, list(prompt_token_ids), params)
-        limit = self.model_cfg.max_position_embeddings
-        if request.num_tokens + params.max_tokens > limit:
-            raise ValueError(
-                f"prompt ({request.num_tokens} tokens) plus max_tokens ({params.max_tokens}) "
-                f"exceeds the context length {limit}"
-            )
-        counts = [0] * len(self.attention)
-        for owner in self._owner.values():
-            counts[owner] += 1
-        rank = least_loaded_rank(counts)
-        self._owner[request_id] = rank
-        self._pending[rank].append(request)
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id!r}: prompt must hold at least one token")
+        check_fits(self.model_cfg, self.engine_cfg, len(prompt_token_ids), params.max_tokens)
+        self.book.add(request_id, prompt_token_ids, params)
         return request_id
 
     def abort(self, request_id: str) -> None:
         """Forget the request now; its rank frees its blocks at the next step."""
-        rank = self._owner.pop(request_id, None)
-        if rank is None:
-            return
-        pending = self._pending[rank]
-        kept = [r for r in pending if r.request_id != request_id]
-        if len(kept) == len(pending):
-            self._aborts[rank].append(request_id)  # already on the worker
-        else:
-            self._pending[rank] = kept
+        self.book.abort(request_id)
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self._owner) or any(self._aborts)
+        return self.book.has_work
 
     def step(self) -> list[RequestOutput]:
-        """One lock-step over all attention workers (and, through them, the expert workers)."""
-        if not self._owner and not any(self._aborts):
+        """One lock-step over all attention workers (and, through them, the expert workers). A
+        step that loses a worker is recovered and run again; what completed is kept."""
+        if not self.book.has_work:
             return []
+        outputs: list[RequestOutput] = []
+        for attempt in range(self.cluster.faults.max_recoveries_per_step + 1):
+            outcome = self._step_once()
+            outputs += self._accept(outcome.results)
+            if not outcome.failed:
+                return outputs
+            if attempt == self.cluster.faults.max_recoveries_per_step:
+                break
+            self.recovery.recover(outcome)
+        raise ClusterUnavailable(
+            f"a step failed {self.cluster.faults.max_recoveries_per_step + 1} times in a row; giving up"
+        )
+
+    def _step_once(self) -> StepOutcome:
         step_id = next(self._step_ids)
         placement = self.rebalancer.before_step() if self.rebalancer else None
         if placement is not None:
             self.placement = placement
-        inputs = [
-            StepInput(step_id, tuple(self._pending[r]), tuple(self._aborts[r]), placement)
-            for r in range(len(self.attention))
-        ]
-        self._pending = [[] for _ in self.attention]
-        self._aborts = [[] for _ in self.attention]
-        self.last_results = self._gather(
-            [w.step.remote(i) for w, i in zip(self.attention, inputs, strict=True)]
-        )
-        if self.rebalancer is not None:
-            self.rebalancer.after_step(step_id, self.last_results)
+        inputs = [StepInput(step_id, r.new_requests, r.aborts, placement) for r in self.book.take_inputs()]
+        self.board.publish(step_id, self.placement.version)
+        refs = [w.step.remote(i) for w, i in zip(self.attention, inputs, strict=True)]
+        outcome = await_step(self, refs)
+        if not outcome.failed and self.rebalancer is not None:
+            self.rebalancer.after_step(step_id, outcome.results)
+        return outcome
+
+    def _accept(self, results: list[StepResult]) -> list[RequestOutput]:
+        """The outputs of the ranks whose step completed (a failed rank replays its step)."""
+        self.last_results = [r for r in results if not r.failed] or self.last_results
         outputs = []
-        for result in self.last_results:
+        for result in results:
             for request_id, reason in result.rejected:
-                self._owner.pop(request_id, None)
-                outputs.append(RequestOutput(request_id, (), True, FinishReason.ABORT, 0, 0))
-                log.warning("request %s rejected: %s", request_id, reason)
-            for out in result.outputs:
-                if out.request_id not in self._owner:
-                    continue  # aborted while this step ran
-                outputs.append(out)
-                if out.finished:
-                    self._owner.pop(out.request_id, None)
+                if request_id in self.book:
+                    self.book.finish(request_id)
+                    outputs.append(RequestOutput(request_id, (), True, FinishReason.ABORT, 0, 0))
+                    log.warning("request %s rejected: %s", request_id, reason)
+            outputs += self.book.record(result.outputs)
         return outputs
 
     def metrics(self) -> dict[str, Any]:
-        """Gauges summed over attention ranks, as of the last step."""
+        """Gauges summed over attention ranks, as of the last step, and the fault counters."""
         r = self.last_results
         figures = {
             "num_running": sum(x.num_running for x in r),
             "num_waiting": sum(x.num_waiting for x in r),
             "kv_blocks_used": sum(x.kv_blocks_used for x in r),
             "kv_blocks_total": sum(x.kv_blocks_total for x in r),
+            "faults": self.faults.figures(self.board.epoch if self.board else 0),
+            "workers": {"attention": len(self.attention), "expert": len(self.experts)},
         }
         if self.rebalancer is not None:
             figures["tokens_per_expert_worker"] = self.rebalancer.tokens_per_worker.tolist()
             figures["balancing"] = self.rebalancer.latest_metrics
         return figures
-
-    def _gather(self, refs: list[ray.ObjectRef]) -> list:
-        """The step's results; if an expert loop ends meanwhile (a dead worker), raise instead of
-        waiting forever on a collective that can no longer complete."""
-        while True:
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
-            if len(ready) == len(refs):
-                return ray.get(refs)
-            ended, _ = ray.wait(self._loops, timeout=0)
-            if ended:
-                ray.get(ended)  # raises the worker's error, if it died
-                raise RuntimeError("an expert worker left its step loop; the cluster cannot step")
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
@@ -239,15 +234,20 @@ class ClusterEngine:
             "experts": ray.get([w.stats.remote() for w in self.experts]),
         }
 
+    def worker_pids(self) -> dict[str, list[int]]:
+        """The process of each live worker, by role."""
+        pids = ray.get([w.pid.remote() for w in self.attention + self.experts], timeout=30)
+        return {"attention": pids[: len(self.attention)], "expert": pids[len(self.attention) :]}
+
     def close(self) -> None:
         """Stop the expert loops, kill every actor, free the placement group (and Ray, if we started it)."""
         try:
-            if self._loops:
-                ray.get([w.stop_experts.remote() for w in self.attention], timeout=20)
-                ray.get(self._loops, timeout=20)
+            if self.loops and self.board is not None:
+                self.board.publish(-1, self.placement.version, Command.STOP)
+                ray.get(self.loops, timeout=20)
         except Exception as e:  # a dead worker must not keep the rest alive
             log.warning("clean stop failed (%s); killing the workers", e)
-        self._loops = []
+        self.loops = []
         for actor in self.attention + self.experts:
             ray.kill(actor)
         if self.rebalancer is not None:

@@ -7,6 +7,7 @@ the step loop keeps serving the old map; the switch rides on the next step's hea
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import ray
@@ -16,12 +17,16 @@ from router.placement import Placement
 from router.rebalancing import RebalanceConfig, Rebalancing
 from router.service import RouterService
 
+log = logging.getLogger(__name__)
+
 
 class Rebalancer:
-    def __init__(self, placement: Placement, cfg: RebalanceConfig, experts: list) -> None:
+    def __init__(
+        self, placement: Placement, cfg: RebalanceConfig, experts: list, node_of_worker: list | None = None
+    ) -> None:
         self.machine = Rebalancing(cfg, placement)
         self.experts = experts
-        self.service = ray.remote(RouterService).options(num_cpus=0).remote(placement, cfg)
+        self.service = ray.remote(RouterService).options(num_cpus=0).remote(placement, cfg, node_of_worker)
         self._expert_loads: list[torch.Tensor] = []
         self._slot_loads: list[torch.Tensor] = []
         self._plan_ref: ray.ObjectRef | None = None
@@ -98,6 +103,23 @@ class Rebalancer:
             self._stage_refs = [
                 w.stage.remote(version, c) for w, c in zip(self.experts, changes, strict=True)
             ]
+
+    def reset(self, placement: Placement, experts: list, node_of_worker: list | None = None) -> None:
+        """After a change of members: a plan or staging in flight is void, the window restarts."""
+        self.machine = Rebalancing(self.machine.cfg, placement)
+        self.experts = experts
+        self._plan_ref, self._stage_refs, self._metrics_ref = None, [], None
+        self._expert_loads, self._slot_loads = [], []
+        self.tokens_per_worker = torch.zeros(placement.num_workers, dtype=torch.long)
+        self.service.reset.remote(placement, node_of_worker)
+
+    def expert_load(self, timeout_s: float = 5.0) -> torch.Tensor | None:
+        """The router service's tokens per logical expert [L, E] (None if it cannot say in time)."""
+        try:
+            return ray.get(self.service.expert_load.remote(), timeout=timeout_s)
+        except Exception as e:
+            log.warning("no expert load from the router service (%s); re-planning without it", e)
+            return None
 
     def _refresh_metrics(self) -> None:
         """Keep `latest_metrics` fresh without ever waiting on the service."""

@@ -1,21 +1,28 @@
-"""Joining one torch.distributed process group from Ray actors.
+"""Joining and leaving an epoch's torch.distributed group from Ray actors.
 
-Rank 0 picks a free port on its own node and reports its address through Ray; every member then
-joins with a TCP init method. NCCL on GPUs, gloo on CPUs. No port is hard-coded.
+Every member connects once to the driver's TCP store (`cluster.membership`) and, for each
+membership epoch, joins a fresh group under that epoch's store prefix with its new rank. NCCL on
+GPUs, gloo on CPUs. No port is hard-coded: the driver's store listens on a free one.
+
+Collectives run under a step-scoped timeout: a stalled peer fails the step after
+`collective_timeout_s` at the latest. A dead peer fails it at once (its sockets close), and a
+member that sees its group break leaves it at once, which in turn wakes the members still
+blocked on it.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
-import socket
 
 import ray
 import torch
 import torch.distributed as dist
 
-# Expert ranks wait in a broadcast between steps; an idle server must not time them out.
-IDLE_TIMEOUT = datetime.timedelta(days=7)
+from cluster.membership import StoreAddress, connect, epoch_store
+
+log = logging.getLogger(__name__)
 DEVICES = ("cpu", "cuda")
 
 
@@ -25,14 +32,6 @@ def check_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but no CUDA GPU is visible")
     return device
-
-
-def free_address() -> tuple[str, int]:
-    """This node's IP and a port that is free right now."""
-    ip = ray.util.get_node_ip_address()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return ip, s.getsockname()[1]
 
 
 class ProcessGroupMember:
@@ -48,24 +47,54 @@ class ProcessGroupMember:
             self.device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
             torch.cuda.set_device(self.device)
         self.rank = -1
+        self.epoch = -1
+        self._store: dist.TCPStore | None = None
 
     def pid(self) -> int:
         return os.getpid()
 
-    def address(self) -> tuple[str, int]:
-        return free_address()
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
-    def join(self, master: tuple[str, int], world_size: int) -> int:
+    def ping(self) -> int:
+        """Answered on the actor's second thread, also while a step blocks the first: a worker
+        that does not answer is hung."""
+        return os.getpid()
+
+    def join(
+        self, store: StoreAddress, epoch: int, rank: int, world_size: int, collective_timeout_s: float
+    ) -> int:
+        """Leave the current group (if any) and join `epoch`'s group as `rank`."""
+        self.leave()
+        if self._store is None:
+            self._store = connect(store)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend,
-            init_method=f"tcp://{master[0]}:{master[1]}",
-            rank=self.rank,
+            store=epoch_store(self._store, epoch),
+            rank=rank,
             world_size=world_size,
-            timeout=IDLE_TIMEOUT,
+            timeout=datetime.timedelta(seconds=collective_timeout_s),
         )
-        return self.rank
+        self.rank, self.epoch = rank, epoch
+        return rank
 
     def leave(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the group, broken or not (a no-op outside one). NCCL communicators are aborted
+        first: a destroy alone can block on a peer that is gone."""
+        if not dist.is_initialized():
+            return
+        try:
+            if dist.get_backend() == "nccl":
+                dist.distributed_c10d._abort_process_group()
+            else:
+                dist.destroy_process_group()
+        except Exception as e:  # a group that broke can fail to tear down; it is gone either way
+            log.warning("leaving epoch %d's group: %s", self.epoch, e)
+
+
+def first_line(e: BaseException) -> str:
+    """An error's first line, without the C++ source path gloo puts in front of it: what a log line
+    or a client may see."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text

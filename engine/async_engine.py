@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from engine.core import RequestOutput
-from engine.protocol import Engine
+from engine.protocol import Engine, EngineUnavailable
 from engine.request import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,15 @@ class AsyncEngine:
         self._thread.start()
 
     @property
+    def reason(self) -> str:
+        """Why the loop stopped, in words a client may read (details are in the log)."""
+        if self.error is None:
+            return "it was shut down"
+        if isinstance(self.error, EngineUnavailable):
+            return str(self.error)
+        return "an internal error (see the server log)"
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
@@ -69,7 +78,7 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they are produced; the last one has finished=True."""
         if not self.alive:
-            raise EngineDeadError(f"the engine is not running ({self.error!r})")
+            raise EngineDeadError(f"the engine is not running: {self.reason}")
         if len(self._streams) + self._commands.qsize() >= self.max_pending:
             raise QueueFullError(f"{self.max_pending} requests are already queued or running; retry later")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -109,7 +118,7 @@ class AsyncEngine:
             log.exception("engine loop stopped")
             self.error = e
             for add in list(self._streams.values()):
-                self._send(add, EngineDeadError(f"engine failed: {e!r}"))
+                self._send(add, EngineDeadError(f"the engine stopped: {self.reason}"))
             self._streams.clear()
 
     def _drain_commands(self, block: bool) -> None:

@@ -7,6 +7,7 @@ With `LocalExperts` as its MoE backend it is the whole single-process (colocated
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from attention.decoder import Llama4Decoder
@@ -15,10 +16,12 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
 from engine.request import FinishReason, Request
 from engine.sampling import new_seed, sample
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.scheduler import KVCacheTooSmallError, Scheduler, SchedulerConfig, SchedulerOutput
 from model.checkpoint import parse_dtype
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,27 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         parse_dtype(self.dtype)
+
+
+def check_fits(cfg: ModelConfig, engine_cfg: EngineConfig, num_prompt_tokens: int, max_tokens: int) -> None:
+    """Raise ValueError, with the numbers, for a request that can never finish on one rank: past
+    the context length, or needing more KV blocks than the rank's pool holds even alone (where the
+    scheduler shortens chunks to what fits, so one token per step is the least it needs)."""
+    limit = cfg.max_position_embeddings
+    if num_prompt_tokens + max_tokens > limit:
+        raise ValueError(
+            f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context "
+            f"length {limit}"
+        )
+    chunked = [cfg.is_chunked(i) for i in range(cfg.num_hidden_layers)]
+    kv = KVCacheManager(1, engine_cfg.block_size, chunked, cfg.attention_chunk_size)
+    needed = kv.max_blocks_alone(num_prompt_tokens + max_tokens - 1, token_budget=1)
+    if needed > engine_cfg.num_kv_blocks:
+        raise ValueError(
+            f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) needs up to {needed} KV "
+            f"blocks of {engine_cfg.block_size} tokens ({cfg.num_hidden_layers} layers), but an attention "
+            f"worker's KV cache holds {engine_cfg.num_kv_blocks}; shorten the prompt or max_tokens"
+        )
 
 
 @dataclass(frozen=True)
@@ -84,12 +108,7 @@ class EngineCore:
     def add_request(self, request: Request) -> None:
         """Queue a request. One that already has output tokens (re-admitted after its attention
         worker was lost) catches up on prompt and outputs, then continues where it stopped."""
-        limit = self.cfg.max_position_embeddings
-        if request.num_tokens + request.params.max_tokens > limit:
-            raise ValueError(
-                f"request {request.request_id!r}: prompt ({request.num_tokens} tokens) plus max_tokens "
-                f"({request.params.max_tokens}) exceeds the context length {limit}"
-            )
+        check_fits(self.cfg, self.engine_cfg, len(request.prompt_token_ids), request.params.max_tokens)
         if request.params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         self.scheduler.add(request)
@@ -140,7 +159,7 @@ class EngineCore:
         A step is atomic: if running it raises (a collective broke), scheduler and KV state stay
         where the schedule left them and the next call runs the same schedule again; its KV
         writes are for the same positions and are rewritten with the same values."""
-        sched = self._pending or self.scheduler.schedule()
+        sched = self._pending or self._schedule()
         if not sched.chunks and not run_empty:
             return []
         self._pending = sched
@@ -158,6 +177,17 @@ class EngineCore:
             self.abort(request_id)
         self._deferred_aborts.clear()
         return outputs
+
+    def _schedule(self) -> SchedulerOutput:
+        """The next schedule. A request that cannot fit the KV cache even alone (admission keeps
+        them out: `check_fits`) is aborted by the scheduler; the others are scheduled anyway, so a
+        lock-step rank still joins every exchange."""
+        while True:
+            try:
+                return self.scheduler.schedule()
+            except KVCacheTooSmallError as e:
+                log.warning("%s", e)
+                self._forget(e.request_id)
 
     def _execute(self, sched: SchedulerOutput) -> dict[str, int]:
         chunks = [SeqChunk(c.request_id, c.token_ids, c.start_pos) for c in sched.chunks]

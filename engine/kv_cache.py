@@ -185,6 +185,28 @@ class KVCacheManager:
         if seq is not None:
             self._allocator.free(b for table in seq.tables for b in table if b != FREED_BLOCK)
 
+    def max_blocks_alone(self, end_pos: int, token_budget: int) -> int:
+        """The most blocks one request ever holds at once on its way to computing positions
+        [0, end_pos), running alone with chunks of up to `token_budget` tokens starting anywhere
+        (preempted requests recompute from 0, partial chunks leave any start). A request needing
+        more than the pool holds can never finish.
+
+        A step computing [s, e) holds ceil(e / bs) entries in a global layer and, in a chunked
+        one, those from the block of the chunk start floor(s / C) * C on. Within one chunk window
+        both grow with s, so the worst steps start at the last position of each window."""
+        if end_pos < 1 or token_budget < 1:
+            raise ValueError(f"need end_pos >= 1 and token_budget >= 1, got {end_pos}, {token_budget}")
+        bs, num_chunked = self.block_size, sum(self._chunked)
+        num_global = self.num_layers - num_chunked
+        chunk = self.chunk_size or end_pos
+        worst = 0
+        for window in range(0, end_pos, chunk):
+            start = min(window + chunk, end_pos) - 1
+            entries = math.ceil(min(start + token_budget, end_pos) / bs)
+            released = window // bs if self.chunk_size is not None else 0
+            worst = max(worst, num_global * entries + num_chunked * (entries - released))
+        return worst
+
     def block_table(self, request_id: str, layer_idx: int) -> list[int]:
         """Entry j holds positions [j * block_size, (j + 1) * block_size) of layer `layer_idx`;
         released entries of chunked layers are -1. A copy."""

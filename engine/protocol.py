@@ -14,6 +14,11 @@ from engine.core import RequestOutput
 from engine.request import FinishReason, SamplingParams
 
 
+class EngineUnavailable(RuntimeError):
+    """An engine that cannot serve any more (its workers are lost); the message is written for
+    clients. Requests should be retried: Serve replaces the replica."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     def add(

@@ -15,6 +15,7 @@ import bisect
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 
 from engine.kv_cache import KVCacheManager
 from engine.request import FinishReason, Request, RequestStatus
@@ -122,13 +123,13 @@ class Scheduler:
         while idx < len(self._running) and budget > 0:
             request = self._running[idx]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if len(self._running) == 1:  # alone: a shorter chunk may fit where the whole one does not
+                num_new = self._fit(request, num_new) or self._raise_too_small(request, num_new)
             if self._try_allocate(request, num_new):
                 chunks.append(self._chunk(request, num_new))
                 budget -= num_new
                 idx += 1
                 continue
-            if len(self._running) == 1:
-                self._raise_too_small(request, num_new)
             victim = self._running[-1]  # the most recently arrived; may be `request` itself
             self._preempt(victim)
             preempted.append(victim.request_id)
@@ -138,6 +139,8 @@ class Scheduler:
                 break
             request = self._waiting[0]
             num_new = min(request.num_tokens, budget)
+            if not self._running:  # alone, as above
+                num_new = self._fit(request, num_new) or num_new
             if not self._try_allocate(request, num_new):
                 break
             self._waiting.popleft()
@@ -180,6 +183,22 @@ class Scheduler:
             changed.append(request)
         return changed
 
+    def _fit(self, request: Request, num_new: int) -> int:
+        """The longest chunk of at most `num_new` tokens whose blocks the pool can give now (0 if
+        not even one token's). Blocks needed grow with the chunk's length, so bisect."""
+        start = request.num_computed_tokens
+
+        def fits(n: int) -> bool:
+            return self.kv.blocks_needed(request.request_id, start, start + n) <= self.kv.num_free_blocks
+
+        if fits(num_new):
+            return num_new
+        lo, hi = 0, num_new  # fits(lo) or lo == 0; not fits(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
     def _try_allocate(self, request: Request, num_new: int) -> bool:
         start = request.num_computed_tokens
         return self.kv.allocate(request.request_id, start, start + num_new)
@@ -210,7 +229,7 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 
-    def _raise_too_small(self, request: Request, num_new: int) -> None:
+    def _raise_too_small(self, request: Request, num_new: int) -> NoReturn:
         start = request.num_computed_tokens
         needed = self.kv.blocks_needed(request.request_id, start, start + num_new)
         total = self.kv.usage().blocks_total
@@ -219,5 +238,5 @@ class Scheduler:
             request.request_id,
             f"KV cache too small for request {request.request_id!r}: positions [{start}, "
             f"{start + num_new}) need {needed} blocks with nothing else running, the cache holds "
-            f"{total}; raise num_blocks or lower token_budget. The request was aborted.",
+            f"{total}; raise num_kv_blocks. The request was aborted.",
         )

@@ -30,6 +30,12 @@ class LayerSlots:
     slot_to_expert: list[int]
 
     def replace(self, slot: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Put one replica in `slot`; the slot right past the last one grows the layer by one."""
+        if slot == len(self.slot_to_expert):
+            self.gate_up.append(gate_up)
+            self.down.append(down)
+            self.slot_to_expert.append(expert)
+            return
         self.gate_up[slot], self.down[slot], self.slot_to_expert[slot] = gate_up, down, expert
 
     def to(self, device: torch.device) -> LayerSlots:
@@ -93,7 +99,8 @@ class ExpertSlots:
 
     def stage(self, version: int, changes: Mapping[int, Mapping[int, int]], device: torch.device) -> float:
         """Load the weights of a coming placement (moe layer index -> {local slot: logical
-        expert}) onto `device`, beside the live ones; returns the seconds it took."""
+        expert}) onto `device`, beside the live ones; returns the seconds it took. Slots past the
+        current count grow the worker (after a failure the survivors may hold more)."""
         t0 = time.perf_counter()
         staged: Staged = {}
         with CheckpointReader(self.model_dir) as reader:
@@ -110,14 +117,17 @@ class ExpertSlots:
     def is_staged(self, version: int) -> bool:
         return version in self._staged
 
+    def discard_staged(self) -> None:
+        self._staged.clear()
+
     def switch(self, version: int) -> None:
         """Swap the staged slots of `version` in (pointer swaps); retired weights are freed, and so
         is anything staged for older versions."""
         if version not in self._staged:
             raise RuntimeError(f"placement version {version} was never staged")
         for moe_idx, slots in self._staged.pop(version).items():
-            for slot, (expert, gate_up, down) in slots.items():
-                self.layers[moe_idx].replace(slot, expert, gate_up, down)
+            for slot in sorted(slots):  # ascending: new slots past the old count append in order
+                self.layers[moe_idx].replace(slot, *slots[slot])
         self._staged = {v: s for v, s in self._staged.items() if v > version}
         self.version = version
 

@@ -11,13 +11,12 @@ M..M+N-1. Every rank joins every exchange, in the same order, once per MoE layer
 3. results: expert ranks run SwiGLU per slot (`cluster.expert_worker`) and send the rows back
    the way they came; the attention side restores token order.
 
-Expert ranks are driven by a per-step header [step_id, placement_version, command] that attention
-rank 0 broadcasts before each step.
+Expert ranks learn that a step comes from the header the driver writes before it
+(`cluster.membership`); they need no Ray call per step.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import torch
@@ -26,26 +25,6 @@ import torch.distributed as dist
 from router.layout import RankLayout
 from router.placement import Placement
 from router.routing import ReplicaTable
-
-
-class Command(enum.IntEnum):
-    STEP = 0
-    STOP = 1
-
-
-@dataclass(frozen=True)
-class Header:
-    step_id: int
-    placement_version: int
-    command: Command
-
-    def to_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.step_id, self.placement_version, int(self.command)], dtype=torch.long)
-
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> Header:
-        step_id, version, command = t.tolist()
-        return cls(step_id, version, Command(command))
 
 
 @dataclass
@@ -57,16 +36,9 @@ class RowCounter:
     def add(self, layer_idx: int, n: int) -> None:
         self.per_layer[layer_idx] = self.per_layer.get(layer_idx, 0) + n
 
-
-def exchange_header(header: Header | None, device: torch.device) -> Header:
-    """Broadcast from rank 0; every other rank passes None and gets rank 0's header."""
-    t = (
-        header.to_tensor().to(device)
-        if header is not None
-        else torch.zeros(3, dtype=torch.long, device=device)
-    )
-    dist.broadcast(t, src=0)
-    return Header.from_tensor(t.cpu())
+    def merge(self, other: RowCounter) -> None:
+        for layer_idx, n in other.per_layer.items():
+            self.add(layer_idx, n)
 
 
 class PendingRows:
@@ -92,7 +64,7 @@ class PendingRows:
         empty = self._like.new_empty((0, self._like.shape[1]))
         dist.all_to_all_single(back, empty, output_split_sizes=self._splits, input_split_sizes=d.zero_splits)
         out = torch.empty_like(back).index_copy_(0, self._order, back)  # back to token order
-        d.returned.add(d.current_layer, self._num_rows)
+        d.step_returned.add(d.current_layer, self._num_rows)
         return out
 
 
@@ -123,8 +95,10 @@ class AttentionDispatcher:
         self.device = device
         self.step_id = 0
         self.zero_splits = [0] * layout.world_size
-        self.sent = RowCounter()
+        self.sent = RowCounter()  # over the steps that completed
         self.returned = RowCounter()
+        self.step_sent = RowCounter()  # this step's, counted once the step completes
+        self.step_returned = RowCounter()
         self.current_layer = -1
         self.placement = placement
         self.reset_load()
@@ -137,6 +111,15 @@ class AttentionDispatcher:
     def placement(self, placement: Placement) -> None:
         """A new map (between steps: a step uses one version)."""
         self._replicas = ReplicaTable(placement)
+
+    def end_step(self, completed: bool) -> None:
+        """Count this step's rows (a step that failed and will be replayed counts nothing)."""
+        if completed:
+            self.sent.merge(self.step_sent)
+            self.returned.merge(self.step_returned)
+        self.step_sent, self.step_returned = RowCounter(), RowCounter()
+        if not completed:
+            self.reset_load()
 
     def reset_load(self) -> None:
         """Start a new window of load counts (tokens per logical expert and per physical slot)."""
@@ -171,7 +154,7 @@ class AttentionDispatcher:
         work = dist.all_to_all_single(
             recv, rows, output_split_sizes=self.zero_splits, input_split_sizes=route.splits, async_op=True
         )
-        self.sent.add(m, rows.shape[0])
+        self.step_sent.add(m, rows.shape[0])
         self.current_layer = m
         return PendingRows(self, route.order, route.splits, work, rows.shape[0], routed_in)
 

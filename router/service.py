@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 
 from router.balance import balance_figures, measured_worker_load
+from router.nodes import spread_over_nodes
 from router.placement import Placement, rebalance
 from router.rebalancing import RebalanceConfig
 
@@ -45,9 +46,14 @@ class LoadWindow:
 
 
 class RouterService:
-    def __init__(self, placement: Placement, cfg: RebalanceConfig) -> None:
+    def __init__(
+        self, placement: Placement, cfg: RebalanceConfig, node_of_worker: Sequence[Hashable] | None = None
+    ) -> None:
+        """node_of_worker[w]: the Ray node of expert worker w; plans keep replicas of one expert on
+        different nodes where they can (`router.nodes`)."""
         self.placement = placement
         self.cfg = cfg
+        self.node_of_worker = node_of_worker
         self.window = LoadWindow(cfg.window_steps)
         self.last_plan_step = 0
         self.rearrangements = 0
@@ -79,8 +85,20 @@ class RouterService:
         )
         if new is self.placement:
             return None
+        if self.node_of_worker is not None:
+            new = spread_over_nodes(new, self.node_of_worker, self.window.expert_load())
         self._planned_at = time.perf_counter()
         return new
+
+    def reset(self, placement: Placement, node_of_worker: Sequence[Hashable] | None = None) -> None:
+        """A new map of another shape (workers were lost or added): the window starts over."""
+        self.placement = placement
+        self.node_of_worker = node_of_worker
+        self.window = LoadWindow(self.cfg.window_steps)
+
+    def expert_load(self) -> torch.Tensor | None:
+        """Tokens per logical expert over the window, float64 [L, E]; None before any step."""
+        return self.window.expert_load().double() if self.window.num_steps else None
 
     def commit(self, placement: Placement) -> float:
         """The engine switched to `placement`; returns seconds from plan to switch."""

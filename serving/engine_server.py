@@ -97,6 +97,13 @@ class EngineServer:
         except ValueError as e:
             yield EngineFailure("invalid_request", str(e))
 
+    async def worker_pids(self) -> dict[str, list[int]]:
+        """The processes of this replica's workers, by role (operators, fault tests)."""
+        engine = self.engine.engine
+        if not isinstance(engine, ClusterEngine):
+            return {"attention": [], "expert": []}
+        return await asyncio.to_thread(engine.worker_pids)
+
     def is_alive(self) -> bool:
         return self.engine.alive
 
@@ -125,6 +132,8 @@ class EngineServer:
             "num_steps": self.engine.num_steps,
             "expert_worker_tokens": list(self._expert_tokens),
             "balancing": dict(gauges.get("balancing") or {}),
+            "faults": dict(gauges.get("faults") or {}),
+            "workers": dict(gauges.get("workers") or {}),
         }
 
     def _gauges(self) -> dict[str, Any]:
@@ -143,7 +152,9 @@ class EngineServer:
         except Exception as e:  # a scrape must not fail because a worker is busy or gone
             log.warning("could not read expert worker stats: %s", e)
             return self._expert_tokens
-        return [sum(s["rows_computed_per_layer"].values()) for s in stats["experts"]]
+        return [
+            s.get("rows_computed_total", sum(s["rows_computed_per_layer"].values())) for s in stats["experts"]
+        ]
 
     def close(self) -> None:
         """Stop the step loop and release the engine's workers."""

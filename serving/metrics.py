@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 PREFIX = "llama4_ep"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -69,6 +69,7 @@ class EngineCollector:
         yield usage
         yield expert
         yield from balancing_families(self.snapshots, self.model_name)
+        yield from fault_families(self.snapshots, self.model_name)
 
 
 def balancing_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator[Metric]:
@@ -107,6 +108,42 @@ def balancing_families(snapshots: list[dict[str, Any]], model_name: str) -> Iter
         moves.add_metric(values, float(b["rearrangements"]))
         seconds.add_metric(values, float(sum(b["rearrangement_seconds"])))
     yield from (balancedness, imbalance, version, replicas, moves, seconds)
+
+
+RECOVERY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def fault_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator[Metric]:
+    """Lost workers and recoveries of each engine replica (cluster engines), and its workers."""
+    labels = ["model_name", "replica"]
+    failures = CounterMetricFamily(
+        f"{PREFIX}_worker_failures",
+        "Workers lost (dead, or killed when hung), by role",
+        labels=[*labels, "role"],
+    )
+    recoveries = HistogramMetricFamily(
+        f"{PREFIX}_recovery_seconds", "Seconds from a failed step to the new membership epoch", labels=labels
+    )
+    epoch = GaugeMetricFamily(f"{PREFIX}_membership_epoch", "The engine's membership epoch", labels=labels)
+    replayed = CounterMetricFamily(
+        f"{PREFIX}_requests_replayed", "Requests re-admitted on another attention worker", labels=labels
+    )
+    workers = GaugeMetricFamily(f"{PREFIX}_workers", "Live workers, by role", labels=[*labels, "role"])
+    for snap in snapshots:
+        values = [model_name, str(snap["replica"])]
+        for role, n in (snap.get("workers") or {}).items():
+            workers.add_metric([*values, role], float(n))
+        f = snap.get("faults") or {}
+        if not f:
+            continue
+        for role, n in f["worker_failures"].items():
+            failures.add_metric([*values, role], float(n))
+        seconds = f["recovery_seconds"]
+        buckets = [(str(b), float(sum(s <= b for s in seconds))) for b in RECOVERY_BUCKETS]
+        recoveries.add_metric(values, [*buckets, ("+Inf", float(len(seconds)))], sum_value=sum(seconds))
+        epoch.add_metric(values, float(f["epoch"]))
+        replayed.add_metric(values, float(f["requests_replayed"]))
+    yield from (failures, recoveries, epoch, replayed, workers)
 
 
 class ServingMetrics:

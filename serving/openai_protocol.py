@@ -57,7 +57,8 @@ def queue_full(message: str) -> APIError:
 
 
 def unavailable(message: str) -> APIError:
-    return APIError(503, message, type_="server_unavailable", code="engine_unavailable")
+    """503 with Retry-After: the replica is down or being replaced; another try may land on a good one."""
+    return APIError(503, message, type_="server_unavailable", code="engine_unavailable", retry_after_s=5)
 
 
 _STRICT = ConfigDict(extra="forbid", strict=True)

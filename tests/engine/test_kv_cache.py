@@ -257,3 +257,26 @@ def check_window(
         assert len(table) >= math.ceil(end / kv.block_size)
         for pos in range(window_start if chunked else 0, end):
             assert table[pos // kv.block_size] != FREED_BLOCK
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.integers(1, 8),
+    st.sampled_from([None, 4, 8, 16]),
+    st.integers(1, 40),
+    st.integers(1, 90),
+    st.integers(0, 2**16),
+)
+def test_max_blocks_alone_is_the_worst_step_of_any_chunking(num_layers, block_size, chunk, budget, end, seed):
+    """Against brute force: every step [s, e) with e - s <= budget, through `allocate` itself."""
+    chunked = [bool((seed >> i) & 1) for i in range(num_layers)]
+    worst = 0
+    for s in range(end):
+        e = min(s + budget, end)
+        kv = KVCacheManager(10_000, block_size, chunked, chunk)
+        if s > 0:  # the request computed [0, s) before (in whatever steps): blocks before the window went
+            assert kv.allocate("r", s - 1, s)
+        assert kv.allocate("r", s, e)
+        worst = max(worst, kv.usage().blocks_used)
+    assert KVCacheManager(1, block_size, chunked, chunk).max_blocks_alone(end, budget) == worst

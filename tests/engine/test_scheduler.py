@@ -303,3 +303,16 @@ def test_random_workloads_finish_every_request_intact(
         n = len(request.prompt_token_ids)
         assert request.output_token_ids == [token_at(p) for p in range(n, n + max_tokens)]
     assert scheduler.kv.usage().blocks_used == 0
+
+
+def test_alone_a_chunk_shrinks_to_what_the_cache_holds() -> None:
+    """Chunked layers free what lies behind the current chunk, so a long prompt fits a small pool
+    when it is computed a chunk window at a time: the scheduler cuts the chunk, never the request."""
+    scheduler = make_scheduler(num_blocks=8, block_size=4, chunked_layers=(True, True), chunk_size=8)
+    scheduler.add(make_request("long", 40, max_tokens=3))  # 40 tokens at once would take 20 blocks
+    lengths = []
+    while scheduler.has_unfinished:
+        output, _ = step(scheduler)
+        lengths.append(output.num_tokens)
+        assert scheduler.kv.usage().blocks_used <= 8
+    assert sum(lengths) == 40 + 2 and max(lengths) < 40  # prompt, then 2 decode steps
