@@ -31,6 +31,12 @@ def _kv(args: argparse.Namespace) -> int:
     return cmd_kv(args)
 
 
+def _faults(args: argparse.Namespace) -> int:
+    from bench.faults import cmd_faults  # lazy: start-up time of the CLI
+
+    return cmd_faults(args)
+
+
 def _replication(args: argparse.Namespace) -> int:
     from bench.replication import cmd_replication  # lazy: start-up time of the CLI
 
@@ -64,6 +70,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_kv_parser(bench)
     add_bench_serve_parser(bench)
     _add_replication_parser(bench)
+    _add_faults_parser(bench)
 
 
 def _add_dispatch_parser(bench: argparse._SubParsersAction) -> None:
@@ -113,3 +120,20 @@ def _add_replication_parser(bench: argparse._SubParsersAction) -> None:
     r.add_argument("--report-every", type=int, help="RebalanceConfig.report_every")
     r.add_argument("--plot", type=Path, default=Path(tempfile.gettempdir()) / "llama4-ep-replication.png")
     r.set_defaults(func=_replication)
+
+
+def _add_faults_parser(bench: argparse._SubParsersAction) -> None:
+    f = bench.add_parser("faults", help="lost and hung workers: failed requests, stalls, same tokens")
+    f.add_argument("--model", help="checkpoint (default: the --preset checkpoint, made once)")
+    f.add_argument("--preset", default="tiny-maverick")
+    f.add_argument(
+        "--kind",
+        dest="kinds",
+        action="append",
+        help="expert-kill, expert-kill-redundant, attention-kill, expert-hang (repeatable; default all)",
+    )
+    f.add_argument("--requests", type=int, default=8, help="requests in flight")
+    f.add_argument("--max-tokens", type=int, default=32)
+    f.add_argument("--kill-at-step", type=int, default=6)
+    f.add_argument("--num-cpus", type=float, default=2, help="CPUs of the local Ray instance")
+    f.set_defaults(func=_faults)

@@ -14,8 +14,11 @@ and the step runs again. Only when no attention or no expert worker is left does
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -127,6 +130,12 @@ class ClusterEngine:
             )
             for w in range(c.num_expert_workers)
         ]
+        # where each worker runs: a hung process on this node is killed at once (ray.kill waits a
+        # few seconds for a process that cannot answer)
+        workers = self.attention + self.experts
+        self._where = dict(
+            zip(map(_actor_key, workers), ray.get([w.where.remote() for w in workers]), strict=True)
+        )
         self.board = HeaderBoard(ray.util.get_node_ip_address())
         self.recovery = Recovery(self)
         self.recovery.join(self.board.new_epoch())
@@ -234,6 +243,14 @@ class ClusterEngine:
             "experts": ray.get([w.stats.remote() for w in self.experts]),
         }
 
+    def kill(self, worker) -> None:
+        """Kill a worker now: SIGKILL if it runs on this node, and through Ray either way."""
+        node, pid = self._where.get(_actor_key(worker), (None, None))
+        if node == ray.get_runtime_context().get_node_id() and pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        ray.kill(worker)
+
     def worker_pids(self) -> dict[str, list[int]]:
         """The process of each live worker, by role."""
         pids = ray.get([w.pid.remote() for w in self.attention + self.experts], timeout=30)
@@ -265,6 +282,10 @@ class ClusterEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _actor_key(actor) -> str:
+    return actor._actor_id.hex()
 
 
 def generate_on_cluster(

@@ -143,7 +143,7 @@ def _kill_hung(engine: ClusterEngine, outcome: StepOutcome) -> None:
         if not alive:
             log.warning("%s worker %d does not answer within %.1f s: killing it", role, i,
                         engine.cluster.faults.ping_timeout_s)  # fmt: skip
-            ray.kill(w)
+            engine.kill(w)
             (outcome.lost_attention if role == "attention" else outcome.lost_experts).add(i)
 
 
@@ -165,11 +165,11 @@ def _settle(engine: ClusterEngine, refs: list, answered: dict, outcome: StepOutc
     for i in range(len(refs)):
         if i not in answered and i not in outcome.lost_attention:
             log.warning("attention worker %d did not leave its epoch in time: killing it", i)
-            ray.kill(engine.attention[i])
+            engine.kill(engine.attention[i])
             outcome.lost_attention.add(i)
     for w in loops_left:
         log.warning("expert worker %d did not leave its epoch in time: killing it", w)
-        ray.kill(engine.experts[w])
+        engine.kill(engine.experts[w])
         outcome.lost_experts.add(w)
 
 
@@ -199,9 +199,9 @@ class Recovery:
         e.faults.worker_failures["attention"] += len(lost_a)
         e.faults.worker_failures["expert"] += len(lost_x)
         for i in lost_a:
-            ray.kill(e.attention[i])
+            e.kill(e.attention[i])
         for w in lost_x:
-            ray.kill(e.experts[w])
+            e.kill(e.experts[w])
         survivors_a = [i for i in range(len(e.attention)) if i not in outcome.lost_attention]
         if not survivors_a:
             raise ClusterUnavailable(f"all {len(e.attention)} attention workers are lost")

@@ -53,8 +53,9 @@ class ProcessGroupMember:
     def pid(self) -> int:
         return os.getpid()
 
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
+    def where(self) -> tuple[str, int]:
+        """This worker's Ray node and process id."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def ping(self) -> int:
         """Answered on the actor's second thread, also while a step blocks the first: a worker

@@ -91,3 +91,14 @@ def test_bench_kv_accounts_the_layer_mix(capsys):
     assert figures["ratio_to_full"] == {"64": 1.0, "256": 0.625}
     assert set(figures["worst_excess_in_half_to_n_per_block_size"]) == {"16", "32"}
     assert len(figures["results"]) == 2 * 2 * 2  # block sizes x scenarios x sizes
+
+
+def test_bench_faults_kills_a_worker_and_loses_nothing(capsys, ray_session, tiny_maverick):
+    figures = bench_json(
+        capsys, "faults", "--model", str(tiny_maverick), "--kind", "attention-kill", "--requests", "3",
+        "--max-tokens", "6", "--kill-at-step", "2",
+    )  # fmt: skip
+    (row,) = figures["results"]
+    assert row["kind"] == "attention-kill" and row["in_flight"] == 3
+    assert figures["failed_requests"] == 0 and figures["tokens_equal"] is True
+    assert figures["max_stall_s"] == row["stall_max_s"] > 0
