@@ -7,7 +7,6 @@ the step loop keeps serving the old map; the switch rides on the next step's hea
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import ray
@@ -16,8 +15,6 @@ import torch
 from router.placement import Placement
 from router.rebalancing import RebalanceConfig, Rebalancing
 from router.service import RouterService
-
-log = logging.getLogger(__name__)
 
 
 class Rebalancer:
@@ -35,6 +32,7 @@ class Rebalancer:
         self.stage_seconds: list[float] = []
         self.latest_metrics: dict = {}
         self.tokens_per_worker = torch.zeros(placement.num_workers, dtype=torch.long)
+        self._expert_total = torch.zeros(placement.num_layers, placement.num_experts, dtype=torch.long)
 
     @property
     def cfg(self) -> RebalanceConfig:
@@ -57,7 +55,9 @@ class Rebalancer:
         loads = [r for r in results if r.expert_load is not None]
         if loads:
             slot_load = torch.stack([r.slot_load for r in loads]).sum(0)
-            self._expert_loads.append(torch.stack([r.expert_load for r in loads]).sum(0))
+            expert_load = torch.stack([r.expert_load for r in loads]).sum(0)
+            self._expert_loads.append(expert_load)
+            self._expert_total += expert_load
             self._slot_loads.append(slot_load)
             s = self.placement.slots_per_worker
             self.tokens_per_worker += slot_load.view(slot_load.shape[0], -1, s).sum((0, 2))
@@ -113,13 +113,10 @@ class Rebalancer:
         self.tokens_per_worker = torch.zeros(placement.num_workers, dtype=torch.long)
         self.service.reset.remote(placement, node_of_worker)
 
-    def expert_load(self, timeout_s: float = 5.0) -> torch.Tensor | None:
-        """The router service's tokens per logical expert [L, E] (None if it cannot say in time)."""
-        try:
-            return ray.get(self.service.expert_load.remote(), timeout=timeout_s)
-        except Exception as e:
-            log.warning("no expert load from the router service (%s); re-planning without it", e)
-            return None
+    def expert_load(self) -> torch.Tensor | None:
+        """Tokens per logical expert [L, E] since the engine started (or None before any step):
+        what a re-plan after a failure weighs, known here without a call to the service."""
+        return self._expert_total.double() if bool(self._expert_total.any()) else None
 
     def _refresh_metrics(self) -> None:
         """Keep `latest_metrics` fresh without ever waiting on the service."""

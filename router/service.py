@@ -96,10 +96,6 @@ class RouterService:
         self.node_of_worker = node_of_worker
         self.window = LoadWindow(self.cfg.window_steps)
 
-    def expert_load(self) -> torch.Tensor | None:
-        """Tokens per logical expert over the window, float64 [L, E]; None before any step."""
-        return self.window.expert_load().double() if self.window.num_steps else None
-
     def commit(self, placement: Placement) -> float:
         """The engine switched to `placement`; returns seconds from plan to switch."""
         seconds = time.perf_counter() - self._planned_at if self._planned_at is not None else 0.0
