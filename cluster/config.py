@@ -24,7 +24,7 @@ class FaultTolerance:
     time out after `collective_timeout_s` whatever happens (the step-scoped backstop)."""
 
     collective_timeout_s: float = 30.0
-    stall_check_s: float = 2.0  # a step this long makes the driver ping (a ping costs little)
+    stall_check_s: float = 1.5  # a step this long makes the driver ping (a ping costs little)
     ping_timeout_s: float = 3.0  # a worker this late to answer is hung (killing it costs a recovery)
     max_recoveries_per_step: int = 3  # a step that keeps failing with every worker alive is a bug
     max_slots_per_worker: int | None = None  # None: survivors may grow to hold every expert
