@@ -1,4 +1,5 @@
-"""A placement over the expert workers that survive a failure (pure, tensors in and out).
+"""Maps for a changed expert tier (pure, tensors in and out): `shrink` for the workers that
+survive a failure or stay after a removal, `grow` for workers added.
 
 Survivors keep what they hold where they hold it: a replica that survives costs nothing. Every
 logical expert must keep at least one replica, so the experts whose only replicas were on lost
@@ -61,6 +62,42 @@ def shrink(
     phy2log = torch.tensor(rows, dtype=torch.int64)
     new = Placement.from_phy2log(phy2log, e, len(survivors), new_s, placement.version + 1)
     return new, survivors
+
+
+def grow(
+    placement: Placement,
+    num_new: int,
+    load: torch.Tensor | None = None,
+    node_of_worker: Sequence[Hashable] | None = None,
+) -> Placement:
+    """The map with `num_new` more workers of S slots (version + 1). The workers there keep every
+    slot as it is (nothing of theirs reloads); the new ones take, slot by slot in turn, a replica
+    of the expert with the most load per replica that they do not hold yet (ties: one not on
+    their node yet). node_of_worker covers the old and the new workers."""
+    if num_new < 1:
+        raise ValueError(f"num_new must be >= 1, got {num_new}")
+    w, s, e = placement.num_workers, placement.slots_per_worker, placement.num_experts
+    if node_of_worker is not None and len(node_of_worker) != w + num_new:
+        raise ValueError(
+            f"node_of_worker names {len(node_of_worker)} workers; the grown map has {w + num_new}"
+        )
+    weights = torch.ones(placement.num_layers, e, dtype=torch.float64) if load is None else load.double()
+    nodes = list(node_of_worker) if node_of_worker is not None else [0] * (w + num_new)
+    rows = []
+    for m in range(placement.num_layers):
+        slots = [placement.experts_on_worker(m, x) for x in range(w)] + [[] for _ in range(num_new)]
+        count = placement.logcnt[m].tolist()
+        weight = weights[m].tolist()
+        for _ in range(s):
+            for j in range(w, w + num_new):
+                on_node = {x for k, row in enumerate(slots) if nodes[k] == nodes[j] for x in row}
+                fresh = [x for x in range(e) if x not in slots[j]] or list(range(e))
+                x = max(fresh, key=lambda x: (weight[x] / (count[x] + 1), x not in on_node, -x))
+                slots[j].append(x)
+                count[x] += 1
+        rows.append([x for row in slots for x in row])
+    phy2log = torch.tensor(rows, dtype=torch.int64)
+    return Placement.from_phy2log(phy2log, e, w + num_new, s, placement.version + 1)
 
 
 def survivor_changes(

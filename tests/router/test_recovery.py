@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.placement import rebalance, static_placement
-from router.recovery import shrink, survivor_changes
+from router.recovery import grow, shrink, survivor_changes
 
 PROPERTY = settings(max_examples=60, deadline=None)
 
@@ -85,3 +85,26 @@ def test_all_lost_or_too_many_slots_is_refused():
         shrink(old, [0, 1], max_slots_per_worker=3)
     with pytest.raises(ValueError, match=r"lost expert workers \[7\]"):
         shrink(old, [7])
+
+
+@PROPERTY
+@given(failures(), st.integers(1, 3))
+def test_growing_keeps_every_old_slot_and_fills_the_new_workers_with_hot_replicas(problem, num_new):
+    old, _, load = problem
+    new = grow(old, num_new, load)
+    w, s = old.num_workers, old.slots_per_worker
+    assert new.num_workers == w + num_new and new.slots_per_worker == s and new.version == old.version + 1
+    assert torch.equal(new.phy2log[:, : w * s], old.phy2log)  # nothing of the old workers moves
+    for m in range(old.num_layers):
+        for j in range(w, w + num_new):
+            row = new.experts_on_worker(m, j)
+            assert len(set(row)) == min(s, old.num_experts)  # no expert twice on one new worker
+
+
+def test_grown_replicas_go_to_the_hottest_experts():
+    old = static_placement(1, 4, num_workers=2, slots_per_worker=2)
+    load = torch.tensor([[10.0, 0.0, 90.0, 0.0]])
+    new = grow(old, 1, load)
+    assert new.experts_on_worker(0, 2) == [2, 0]  # 90 per replica, then 10
+    with pytest.raises(ValueError, match="num_new must be >= 1"):
+        grow(old, 0)
