@@ -31,11 +31,15 @@ class Tokenizer:
             self._encode = lambda s: hf.encode(s, add_special_tokens=False).ids
             self._decode = lambda ids: hf.decode(list(ids), skip_special_tokens=False)
             self.vocab_size = hf.get_vocab_size()
+            self.tokenizer_json: str | None = str(own)
+            self.tiktoken_encoding = None
         else:
             meta = MetaTokenizer.get_instance()
             self._encode = lambda s: meta.encode(s, bos=False, eos=False)
             self._decode = meta.decode
             self.vocab_size = meta.n_words
+            self.tokenizer_json = None
+            self.tiktoken_encoding = meta.model  # the tiktoken Encoding (grammar engines read it)
         self.bos_id = BEGIN_OF_TEXT
         self.stop_token_ids = STOP_TOKEN_IDS
 
