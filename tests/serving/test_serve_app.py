@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import grpc
 import httpx
@@ -24,53 +22,16 @@ from engine.llm_engine import LLMEngine
 from engine.request import SamplingParams
 from model.tokenizer import Tokenizer
 from serving import APP_NAME
-from serving.app import IngressDeployment, ServeAppConfig, build_app
+from serving.app import IngressDeployment
 from serving.client import Completion, GRPCClient, ServerError
 from serving.engine_server import EngineFailure
 from serving.frontend import IngressSpec
-from serving.grpc_service import SERVICER_FUNCTION
 from serving.proto_gen import llama4_ep_pb2, llama4_ep_pb2_grpc
 from tests.helpers import random_prompts
+from tests.serving.conftest import ENGINE, MAX_PENDING
 
-ENGINE = {"num_kv_blocks": 1024, "block_size": 16}
-MAX_PENDING = 18  # the engine's queue: room for the 16 simultaneous streams
 MAX_TOKENS = 8
 IGNORE_EOS = {"ignore_eos": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class Server:
-    http: str
-    grpc: str
-    model: str
-
-
-@pytest.fixture(scope="module")
-def server(ray_session, tiny_maverick):
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    http_port, grpc_port = free_port(), free_port()
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": http_port},
-        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
-    )
-    config = ServeAppConfig(
-        model=str(tiny_maverick),
-        engine=ENGINE,
-        max_pending=MAX_PENDING,
-    )
-    try:
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        yield Server(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", tiny_maverick.name)
-    finally:
-        serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +172,9 @@ def bad_bodies(model: str) -> list[tuple[str, object, str | None]]:
         ("/v1/completions", {**ok, "temperature": 3.0}, "temperature"),
         ("/v1/completions", {**ok, "top_p": 1.5}, "top_p"),
         ("/v1/completions", {**ok, "top_k": -2}, "top_k"),
-        ("/v1/completions", {**ok, "n": 3}, "n"),
-        ("/v1/completions", {**ok, "frobnicate": True}, "frobnicate"),
+        ("/v1/completions", {**ok, "n": 17}, "n"),
+        ("/v1/completions", {**ok, "logprobs": 21}, "logprobs"),
+        ("/v1/completions", {**ok, "guided_regex": "(unclosed"}, "guided_regex"),
         ("/v1/completions", {**ok, "model": "gpt-4"}, "model"),
         ("/v1/completions", {"model": model, "prompt": [1, 202048]}, "prompt"),
         ("/v1/completions", {"model": model, "prompt": list(range(1, 4091)), "max_tokens": 10}, "max_tokens"),
