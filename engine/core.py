@@ -147,6 +147,7 @@ class EngineCore:
             "kv_blocks_used": usage.blocks_used,
             "kv_blocks_total": usage.blocks_total,
             "kv_bytes_used": usage.bytes_used,
+            "num_preemptions": self.scheduler.num_preemptions,
         }
 
     @property

@@ -35,11 +35,14 @@ def grammar_text(guided: Guided) -> str:
             choices = json.loads(guided.spec)
             if not choices or not all(isinstance(c, str) for c in choices):
                 raise GrammarError("choice: give a non-empty list of strings")
-        if guided.kind == "json_schema":
-            return llguidance.grammar_from("json_schema", _compact(guided.spec))
-        return llguidance.grammar_from(guided.kind, guided.spec)
+        spec = _compact(guided.spec) if guided.kind == "json_schema" else guided.spec
+        grammar = llguidance.grammar_from(guided.kind, spec)
     except (ValueError, TypeError) as e:
         raise GrammarError(f"{guided.kind}: {e}") from None
+    problem = llguidance.LLMatcher.validate_grammar(grammar)  # "" when it compiles
+    if problem:
+        raise GrammarError(f"{guided.kind}: {problem.strip()}")
+    return grammar
 
 
 def _compact(schema_text: str) -> str:

@@ -106,6 +106,8 @@ class Frontend:
                     shown = shown[:-1]  # the stop token that ended it is not part of the text
                 delta = text.add(shown, final=finished)
                 reason = (item.finish_reason.value if item.finish_reason else "stop") if finished else None
+                if finished:
+                    timer.engine_finished(reason, item.num_output_tokens)
                 yield TextDelta(
                     item.new_token_ids,
                     delta,
