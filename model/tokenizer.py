@@ -20,6 +20,7 @@ HEADER_START = 200005
 HEADER_END = 200006
 EOM = 200007  # end of message: the model waits for a tool's result
 EOT = 200008
+PAD = 200018  # <|finetune_right_pad|>
 STOP_TOKEN_IDS = (200001, 200007, 200008)
 CHAT_ROLES = ("system", "user", "assistant", "ipython", "tool")
 # Llama 4's pythonic tool calling: the functions are listed as JSON in the system prompt and the

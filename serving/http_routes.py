@@ -1,12 +1,13 @@
 """The OpenAI-compatible HTTP routes of the ingress, and what every request goes through.
 
 GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
-POST /tokenize, POST /detokenize, GET /health, GET /metrics, GET /openapi.json.
+POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health, GET /metrics,
+GET /openapi.json.
 
 Every response carries `x-request-id`: the client's, or a new one (Serve's proxy makes it and
 echoes it; this module only adds it where no proxy did). It is also the engine's id for the
 request and appears in the log lines. With an API key, the /v1 routes and /tokenize,
-/detokenize need `Authorization: Bearer <key>` (else 401); /health, /metrics and
+/detokenize, /tokenizer_info need `Authorization: Bearer <key>` (else 401); /health, /metrics and
 /openapi.json stay open for probes and scrapers. CORS headers are sent only for the allowed
 origins (none by default). An unexpected error is logged with the request id; the client gets
 a 500 that says nothing of the internals.
@@ -23,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from model.tokenizer import EOT, PAD
 from serving import openai_protocol as oai
 from serving import openai_responses as out
 from serving.frontend import Frontend
@@ -48,6 +50,7 @@ class OpenAIRoutes:
             "/v1/chat/completions": ("POST", self.chat_completions),
             "/tokenize": ("POST", self.tokenize),
             "/detokenize": ("POST", self.detokenize),
+            "/tokenizer_info": ("GET", self.tokenizer_info),
             "/health": ("GET", self.health),
             "/metrics": ("GET", self.metrics),
             "/openapi.json": ("GET", self.openapi),
@@ -164,6 +167,20 @@ class OpenAIRoutes:
         else:
             ids = chat_prompt_ids(tok, req.messages, None, req.add_generation_prompt)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.f.context_length})
+
+    async def tokenizer_info(self, request: Request, rid: str) -> Response:
+        """The special tokens, as vLLM's endpoint of that name gives them (lm-eval's remote
+        tokenizer reads it)."""
+        tok = self.f.tokenizer
+        return JSONResponse(
+            {
+                "tokenizer_class": "Llama4Tokenizer",
+                "bos_token": tok.decode([tok.bos_id]),
+                "eos_token": tok.decode([EOT]),
+                "pad_token": tok.decode([PAD]),
+                "model_max_length": self.f.context_length,
+            }
+        )
 
     async def detokenize(self, request: Request, rid: str) -> Response:
         req = oai.parse_body(oai.DetokenizeRequest, await request.body(), self.f.spec.strict_requests)
