@@ -15,6 +15,8 @@ import grpc
 import httpx
 import openai
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.core import EngineConfig
@@ -358,26 +360,37 @@ def test_queue_full_is_429_and_resource_exhausted_then_serving_goes_on(server):
                     break
                 await asyncio.sleep(0.1)
             over = await c.post("/v1/completions", json={**body, "stream": False})
-            with GRPCClient(server.grpc) as g:
+            with grpc.insecure_channel(server.grpc) as channel:
+                stub = llama4_ep_pb2_grpc.Llama4EPStub(channel)
+                request = llama4_ep_pb2.GenerateRequest(prompt="x", max_tokens=2)
                 try:
-                    await asyncio.to_thread(g.generate, prompt="x", max_tokens=2)
-                    grpc_status = "OK"
-                except ServerError as e:
-                    grpc_status = e.status
+                    await asyncio.to_thread(stub.Generate, request, metadata=(("application", APP_NAME),))
+                    grpc_status, retry_s = "OK", None
+                except grpc.RpcError as e:
+                    grpc_status, retry_s = e.code().name, _retry_delay_s(e)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            return over, grpc_status
+            return over, grpc_status, retry_s
 
-    over, grpc_status = asyncio.run(main())
+    over, grpc_status, retry_s = asyncio.run(main())
     assert over.status_code == 429 and over.json()["error"]["code"] == "queue_full"
     assert over.headers.get("retry-after") == "1"
-    assert grpc_status == "RESOURCE_EXHAUSTED"
+    assert grpc_status == "RESOURCE_EXHAUSTED" and retry_s == 1  # google.rpc.RetryInfo
     wait_until_idle()
     r = httpx.post(
         f"{server.http}/v1/completions", json={"model": server.model, "prompt": "ok", "max_tokens": 3}
     )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def _retry_delay_s(error: grpc.RpcError) -> int | None:
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.seconds
+    return None
 
 
 def wait_until_idle(timeout_s: float = 60.0) -> dict:
