@@ -46,6 +46,7 @@ class StepResult:
     kv_blocks_total: int = 0
     expert_load: torch.Tensor | None = None  # int64 [L, E] tokens per logical expert this step
     slot_load: torch.Tensor | None = None  # int64 [L, W*S] tokens per physical slot this step
+    num_preemptions: int = 0  # since the rank started
     failed: str = ""  # the step did not complete (its group broke); nothing of it was applied
 
 
@@ -117,6 +118,7 @@ class AttentionWorker(ProcessGroupMember):
             usage.blocks_total,
             expert_load,
             slot_load,
+            sched.num_preemptions,
         )
 
     def _admit(self, step: StepInput) -> list[tuple[str, str]]:

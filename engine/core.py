@@ -8,12 +8,16 @@ With `LocalExperts` as its MoE backend it is the whole single-process (colocated
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from attention.decoder import Llama4Decoder
 from attention.paged import KVPool, SeqChunk, build_batch
 from engine.detokenizer import IncrementalDetokenizer
+from engine.guided import GuidedDecoding
 from engine.kv_cache import KVCacheManager
+from engine.logits import ROWS_PER_SLICE, TokenLogprob, process, token_logprobs
 from engine.request import FinishReason, Request
 from engine.sampling import new_seed, sample
 from engine.scheduler import KVCacheTooSmallError, Scheduler, SchedulerConfig, SchedulerOutput
@@ -70,6 +74,18 @@ class RequestOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per new token, when the request asked for them
+    # prompt positions reported this step (the first prompt token's entry is None)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+
+
+@dataclass
+class StepSamples:
+    """What `_execute` produced: the sampled tokens, and the logprobs asked for."""
+
+    tokens: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    prompt_logprobs: dict[str, tuple[list[TokenLogprob | None], int]] = field(default_factory=dict)
 
 
 class EngineCore:
@@ -102,6 +118,8 @@ class EngineCore:
         self._seeds: dict[str, int] = {}
         self._stops: dict[str, IncrementalDetokenizer] = {}
         self._requests: dict[str, Request] = {}
+        self._prompt_lp_next: dict[str, int] = {}  # next prompt index whose logprob is due
+        self._guided: GuidedDecoding | None = None  # made for the first guided request
         self._pending: SchedulerOutput | None = None  # a step that ran into an error, to replay
         self._deferred_aborts: list[str] = []
 
@@ -109,8 +127,11 @@ class EngineCore:
         """Queue a request. One that already has output tokens (re-admitted after its attention
         worker was lost) catches up on prompt and outputs, then continues where it stopped."""
         check_fits(self.cfg, self.engine_cfg, len(request.prompt_token_ids), request.params.max_tokens)
-        if request.params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+        if (request.params.stop or request.params.guided) and self.tokenizer is None:
+            raise ValueError("stop strings and guided decoding need a tokenizer")
+        if request.params.guided is not None:
+            self._guided = self._guided or GuidedDecoding(self.tokenizer, self.cfg.vocab_size)
+            self._guided.add(request.request_id, request.params.guided, request.output_token_ids)
         self.scheduler.add(request)
         self._requests[request.request_id] = request
         seed = request.params.seed
@@ -145,6 +166,7 @@ class EngineCore:
             "kv_blocks_used": usage.blocks_used,
             "kv_blocks_total": usage.blocks_total,
             "kv_bytes_used": usage.bytes_used,
+            "num_preemptions": self.scheduler.num_preemptions,
         }
 
     @property
@@ -163,16 +185,22 @@ class EngineCore:
         if not sched.chunks and not run_empty:
             return []
         self._pending = sched
-        sampled = self._execute(sched)
+        samples = self._execute(sched)
         self._pending = None
         before = {c.request_id: len(self._requests[c.request_id].output_token_ids) for c in sched.chunks}
         outputs = []
-        for request in self.scheduler.update(sched, sampled):
+        for request in self.scheduler.update(sched, samples.tokens):
             new = tuple(request.output_token_ids[before.get(request.request_id, 0) :])
             self._check_stop_strings(request, new)
-            outputs.append(_output(request, new))
+            if self._guided is not None:
+                self._guided.advance(request.request_id, new)
+            outputs.append(self._output_with_logprobs(request, new, samples))
             if request.is_finished:
                 self._forget(request.request_id)
+        for request_id in list(samples.prompt_logprobs):  # a prefill chunk that samples nothing yet
+            request = self._requests.get(request_id)
+            if request is not None and not request.is_finished:
+                outputs.append(self._output_with_logprobs(request, (), samples))
         for request_id in self._deferred_aborts:
             self.abort(request_id)
         self._deferred_aborts.clear()
@@ -189,7 +217,17 @@ class EngineCore:
                 log.warning("%s", e)
                 self._forget(e.request_id)
 
-    def _execute(self, sched: SchedulerOutput) -> dict[str, int]:
+    def _output_with_logprobs(
+        self, request: Request, new: tuple[int, ...], samples: StepSamples
+    ) -> RequestOutput:
+        rid = request.request_id
+        logprobs = (samples.logprobs[rid],) if new and rid in samples.logprobs else ()
+        prompt, upto = samples.prompt_logprobs.pop(rid, ((), 0))
+        if upto:
+            self._prompt_lp_next[rid] = max(self._prompt_lp_next.get(rid, 0), upto)
+        return _output(request, new, logprobs, tuple(prompt))
+
+    def _execute(self, sched: SchedulerOutput) -> StepSamples:
         chunks = [SeqChunk(c.request_id, c.token_ids, c.start_pos) for c in sched.chunks]
         batch = build_batch(
             chunks,
@@ -199,19 +237,54 @@ class EngineCore:
             self.engine_cfg.block_size,
         )
         hidden = self.decoder.forward(batch, self.pool)
+        samples = StepSamples(prompt_logprobs=self._prompt_logprobs(sched, batch.last_token_index, hidden))
         rows = [i for i, c in enumerate(sched.chunks) if c.sample]
         if not rows:
-            return {}
+            return samples
         logits = self.decoder.logits(hidden[batch.last_token_index[rows]])
         ids = [sched.chunks[i].request_id for i in rows]
         requests = [self._requests[r] for r in ids]
+        allowed = self._guided.allowed(ids) if self._guided is not None else None
         tokens = sample(
-            logits,
+            process(logits, requests, allowed),
             [r.params for r in requests],
             [self._seeds[r] for r in ids],
             [len(r.output_token_ids) for r in requests],
         )
-        return dict(zip(ids, tokens, strict=True))
+        samples.tokens = dict(zip(ids, tokens, strict=True))
+        wanted = [j for j, r in enumerate(requests) if r.params.logprobs is not None]
+        if wanted:
+            k = [requests[j].params.logprobs for j in wanted]
+            found = token_logprobs(logits[wanted], [tokens[j] for j in wanted], k)
+            samples.logprobs = {ids[j]: lp for j, lp in zip(wanted, found, strict=True)}
+        return samples
+
+    def _prompt_logprobs(
+        self, sched: SchedulerOutput, last_token_index: torch.Tensor, hidden: torch.Tensor
+    ) -> dict[str, tuple[list[TokenLogprob | None], int]]:
+        """For requests that asked for prompt logprobs: the entries of the prompt tokens this
+        step's chunk predicts (token t from position t - 1), and the prompt index reached. Tokens
+        reported before (a chunk recomputed after preemption) are not reported again."""
+        out = {}
+        for i, c in enumerate(sched.chunks):
+            request = self._requests[c.request_id]
+            k = request.params.prompt_logprobs
+            if k is None:
+                continue
+            prompt = request.prompt_token_ids
+            first = self._prompt_lp_next.get(c.request_id, 0)
+            end_pos = c.start_pos + len(c.token_ids)
+            lo, hi = max(first, c.start_pos + 1, 1), min(len(prompt), end_pos + 1)
+            entries: list[TokenLogprob | None] = [None] if first == 0 and c.start_pos == 0 else []
+            last_row = int(last_token_index[i])
+            for t0 in range(lo, hi, ROWS_PER_SLICE):
+                targets = range(t0, min(hi, t0 + ROWS_PER_SLICE))
+                rows = [last_row - (end_pos - t) for t in targets]  # position t - 1 predicts t
+                logits = self.decoder.logits(hidden[rows])
+                entries += token_logprobs(logits, [prompt[t] for t in targets], [k] * len(rows))
+            if entries:
+                out[c.request_id] = (entries, max(hi, 1))
+        return out
 
     def _key_start(self, layer_idx: int, start_pos: int) -> int:
         if not self.cfg.is_chunked(layer_idx):
@@ -228,12 +301,20 @@ class EngineCore:
             self.scheduler.finish(request.request_id, FinishReason.STOP)
 
     def _forget(self, request_id: str) -> None:
+        self._prompt_lp_next.pop(request_id, None)
+        if self._guided is not None:
+            self._guided.forget(request_id)
         self._seeds.pop(request_id, None)
         self._stops.pop(request_id, None)
         self._requests.pop(request_id, None)
 
 
-def _output(request: Request, new: tuple[int, ...]) -> RequestOutput:
+def _output(
+    request: Request,
+    new: tuple[int, ...],
+    logprobs: tuple[TokenLogprob, ...] = (),
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = (),
+) -> RequestOutput:
     return RequestOutput(
         request.request_id,
         new,
@@ -241,4 +322,6 @@ def _output(request: Request, new: tuple[int, ...]) -> RequestOutput:
         request.finish_reason,
         len(request.prompt_token_ids),
         len(request.output_token_ids),
+        logprobs,
+        prompt_logprobs,
     )

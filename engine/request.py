@@ -6,6 +6,21 @@ import enum
 from dataclasses import dataclass, field
 
 STOP_TOKEN_IDS_DEFAULT = (200001, 200007, 200008)
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
+GUIDED_KINDS = ("json_schema", "regex", "choice", "lark")
+
+
+@dataclass(frozen=True)
+class Guided:
+    """A grammar the output must follow (`engine.guided` compiles it). `spec` is the JSON schema
+    as JSON text, the regular expression, a JSON list of the choices, or a Lark grammar."""
+
+    kind: str
+    spec: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in GUIDED_KINDS:
+            raise ValueError(f"guided kind must be one of {', '.join(GUIDED_KINDS)}, got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -20,6 +35,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = STOP_TOKEN_IDS_DEFAULT
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # stop token ids are masked until this many tokens are out
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # CTRL's, over prompt and output: > 1 discourages repeats
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    logprobs: int | None = None  # None: none; k: the sampled token's plus the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    guided: Guided | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -30,6 +53,34 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
+        for token_id, bias in self.logit_bias:
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias for token {token_id} must be in [-100, 100], got {bias}")
+
+    @property
+    def needs_processing(self) -> bool:
+        """Anything that changes the logits before sampling."""
+        return bool(
+            self.min_tokens
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.guided
+        )
 
 
 class RequestStatus(enum.Enum):

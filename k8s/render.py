@@ -22,7 +22,7 @@ import yaml
 
 from serving import APP_NAME
 from serving.app import ServeAppConfig, build_app
-from serving.grpc_service import SERVICER_FUNCTION
+from serving.grpc_service import SERVICER_FUNCTIONS
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO_DIR / "k8s"
@@ -188,7 +188,7 @@ def serve_config(size: Size) -> dict[str, Any]:
     return {
         "proxy_location": "EveryNode",  # a proxy per pod: the serve Service spans every ready pod
         "http_options": {"host": "0.0.0.0", "port": HTTP_PORT},
-        "grpc_options": {"port": GRPC_PORT, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+        "grpc_options": {"port": GRPC_PORT, "grpc_servicer_functions": list(SERVICER_FUNCTIONS)},
         "applications": [
             {
                 "name": APP_NAME,

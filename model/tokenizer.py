@@ -7,8 +7,10 @@ By default the real tokenizer that ships inside Meta's `llama-models` package (t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from llama_models.llama4.tokenizer import Tokenizer as MetaTokenizer
 from tokenizers import Tokenizer as HFTokenizer
@@ -16,9 +18,21 @@ from tokenizers import Tokenizer as HFTokenizer
 BEGIN_OF_TEXT = 200000
 HEADER_START = 200005
 HEADER_END = 200006
+EOM = 200007  # end of message: the model waits for a tool's result
 EOT = 200008
+PAD = 200018  # <|finetune_right_pad|>
 STOP_TOKEN_IDS = (200001, 200007, 200008)
 CHAT_ROLES = ("system", "user", "assistant", "ipython", "tool")
+# Llama 4's pythonic tool calling: the functions are listed as JSON in the system prompt and the
+# model answers with a Python list of calls, `[get_weather(city="Paris"), ...]` (the format of
+# Meta's llama-models `ToolPromptFormat.python_list`; vLLM's `llama4_pythonic` parser reads it).
+TOOL_PROMPT = (
+    "You can call functions to answer the user. If you call any, reply with nothing but a Python "
+    "list of calls with keyword arguments, in the form "
+    "[func_name1(param1=value1, param2=value2), func_name2(param=value)]. Call only the functions "
+    "listed here; if none fits, answer in plain language. When a function's result comes back, use "
+    "it to answer the user's question.\n\nThe functions, in JSON:\n"
+)
 
 
 class Tokenizer:
@@ -31,11 +45,15 @@ class Tokenizer:
             self._encode = lambda s: hf.encode(s, add_special_tokens=False).ids
             self._decode = lambda ids: hf.decode(list(ids), skip_special_tokens=False)
             self.vocab_size = hf.get_vocab_size()
+            self.tokenizer_json: str | None = str(own)
+            self.tiktoken_encoding = None
         else:
             meta = MetaTokenizer.get_instance()
             self._encode = lambda s: meta.encode(s, bos=False, eos=False)
             self._decode = meta.decode
             self.vocab_size = meta.n_words
+            self.tokenizer_json = None
+            self.tiktoken_encoding = meta.model  # the tiktoken Encoding (grammar engines read it)
         self.bos_id = BEGIN_OF_TEXT
         self.stop_token_ids = STOP_TOKEN_IDS
 
@@ -51,12 +69,21 @@ class Tokenizer:
         return self._decode([t for t in ids if t not in self.stop_token_ids])
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """`<|begin_of_text|>` then `<|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>` per
-        message, then `<|header_start|>assistant<|header_end|>\\n\\n` for the reply."""
+        message, then `<|header_start|>assistant<|header_end|>\\n\\n` for the reply.
+
+        `tools` (each `{name, description, parameters}`) go into the system message, after the
+        caller's own system text. An assistant message's `tool_calls` (each `{name, arguments}`,
+        arguments a dict) follow its content as a pythonic call list and end with `<|eom|>`; a
+        `tool` message is the `ipython` role, as Llama 4 was trained."""
         if not messages:
             raise ValueError("messages must hold at least one message")
+        messages = _with_tools(list(messages), tools) if tools else messages
         ids = [self.bos_id]
         for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
@@ -64,10 +91,47 @@ class Tokenizer:
                 raise ValueError(f"messages[{i}].role is {role!r}; allowed: {', '.join(CHAT_ROLES)}")
             if not isinstance(content, str):
                 raise ValueError(f"messages[{i}].content must be a string")
-            ids += self._header(role) + list(self._encode("\n\n" + content)) + [EOT]
+            calls = m.get("tool_calls") or ()
+            if calls:
+                content += format_tool_calls(calls)
+            header = self._header("ipython" if role == "tool" else role)
+            end = EOM if calls or role in ("tool", "ipython") else EOT
+            ids += header + list(self._encode("\n\n" + content)) + [end]
         if add_generation_prompt:
             ids += self._header("assistant") + list(self._encode("\n\n"))
         return ids
 
     def _header(self, role: str) -> list[int]:
         return [HEADER_START, *self._encode(role), HEADER_END]
+
+
+def _with_tools(
+    messages: list[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    listing = json.dumps([{"type": "function", "function": dict(t)} for t in tools], indent=2)
+    if messages and messages[0].get("role") == "system":
+        first = dict(messages[0])
+        first["content"] = f"{first.get('content') or ''}\n\n{TOOL_PROMPT}{listing}".lstrip()
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": TOOL_PROMPT + listing}, *messages]
+
+
+def format_tool_calls(calls: Sequence[Mapping[str, Any]]) -> str:
+    """`[name(key=value, ...), ...]` with Python literals (what `ast.literal_eval` reads back)."""
+    parts = []
+    for call in calls:
+        args = ", ".join(f"{k}={_literal(v)}" for k, v in dict(call.get("arguments") or {}).items())
+        parts.append(f"{call['name']}({args})")
+    return "[" + ", ".join(parts) + "]"
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, str | int | float):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_literal(v)}" for k, v in value.items()) + "}"
+    raise ValueError(f"a tool call argument of type {type(value).__name__} has no Python literal")

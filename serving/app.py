@@ -10,6 +10,7 @@ group holds the replica (bundle 0) and its workers (bundles 1..M+N).
 # at run time to validate its arguments, and needs the class, not a string.
 
 import math
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,7 @@ from serving.grpc_service import GrpcService
 from serving.http_routes import OpenAIRoutes
 
 REPLICA_CPUS = 0.01  # the engine replica only drives its workers (disaggregated layout)
+API_KEY_ENV = "LLAMA4_EP_API_KEY"  # the API key when the config gives none
 
 
 class EngineArgs(BaseModel):
@@ -124,6 +126,12 @@ class ServeAppConfig(BaseModel):
     )
     max_queued_requests: int = Field(1024, ge=-1, description="waiting in Serve for a replica; -1: no limit")
     ingress_max_ongoing_requests: int = Field(1024, ge=1)
+    api_key: str | None = Field(
+        None,
+        description=f"clients must send it (HTTP bearer, gRPC authorization); None: ${API_KEY_ENV} or none",
+    )
+    strict_requests: bool = Field(False, description="unknown request fields: 400 instead of a warning")
+    allowed_origins: list[str] = Field(default_factory=list, description="CORS origins; [] off, ['*'] any")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeAppConfig":
@@ -209,6 +217,16 @@ class Ingress:
         async for message in self.grpc.generate_stream(request, grpc_context):
             yield message
 
+    async def Check(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802 - grpc.health.v1
+        return await self.grpc.health_check(request, grpc_context)
+
+    async def Watch(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        async for message in self.grpc.health_watch(request, grpc_context):
+            yield message
+
+    async def List(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802 - grpc.health.v1
+        return await self.grpc.health_list(request, grpc_context)
+
 
 EngineDeployment = serve.deployment(name="EngineServer", health_check_period_s=5)(EngineServer)
 IngressDeployment = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0})(Ingress)
@@ -231,7 +249,9 @@ def build_app(config: ServeAppConfig) -> Application:
     ).bind(spec)
     name = config.model_copy(update={"model": model_dir}).model_name
     ingress = IngressDeployment.options(max_ongoing_requests=config.ingress_max_ongoing_requests)
-    return ingress.bind(engine, IngressSpec(model_dir, name))
+    api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
+    spec = IngressSpec(model_dir, name, api_key, config.strict_requests, tuple(config.allowed_origins))
+    return ingress.bind(engine, spec)
 
 
 def resolve_model(model: str | None) -> str:

@@ -65,7 +65,23 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--grpc-port",
         type=_count("--grpc-port", 1),
         default=DEFAULT_GRPC_PORT,
-        help="gRPC port (all interfaces)",
+        help="gRPC port (Serve's gRPC proxy listens on all interfaces whatever --host says)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="clients must send it (HTTP `Authorization: Bearer`, gRPC `authorization` metadata); "
+        "default: $LLAMA4_EP_API_KEY, else no key",
+    )
+    p.add_argument(
+        "--strict-requests",
+        action="store_true",
+        help="refuse unknown request fields with 400 (default: ignore them with a warning)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        default="",
+        help="CORS: comma-separated origins allowed to call from a browser, or '*' (default: none)",
     )
     p.add_argument(
         "--max-pending",
@@ -108,7 +124,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ray.serve.config import gRPCOptions
 
     from serving.app import ServeAppConfig, build_app, resolve_model  # lazy: see above
-    from serving.grpc_service import SERVICER_FUNCTION  # lazy: see above
+    from serving.grpc_service import SERVICER_FUNCTIONS  # lazy: see above
 
     config = ServeAppConfig(
         model=resolve_model(args.model),
@@ -119,6 +135,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         rebalance={"enabled": args.rebalance},
         device=args.device,
         max_pending=args.max_pending,
+        api_key=args.api_key,
+        strict_requests=args.strict_requests,
+        allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
     )
     ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     _stop_on_signals()  # after ray.init, which installs a SIGTERM handler of its own
@@ -126,7 +145,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         app = build_app(config)
         serve.start(
             http_options={"host": args.host, "port": args.http_port},
-            grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
+            grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=list(SERVICER_FUNCTIONS)),
         )
         serve.run(app, name=APP_NAME, route_prefix="/")
         _print_where(args, config)
@@ -163,7 +182,8 @@ def _print_where(args: argparse.Namespace, config: Any) -> None:
     print(
         f"llama4-ep is serving {config.model_name!r} ({config.layout()}) from {config.model}\n"
         f"  HTTP  http://{args.host}:{args.http_port}/v1  (OpenAI-compatible; also /health, /metrics)\n"
-        f"  gRPC  {args.host}:{args.grpc_port}  (llama4_ep.Llama4EP; metadata application={APP_NAME})\n"
+        f"  gRPC  0.0.0.0:{args.grpc_port}  (llama4_ep.Llama4EP, grpc.health.v1, reflection; metadata "
+        f"application={APP_NAME}; Serve binds gRPC to all interfaces)\n"
         "Ctrl-C stops it.",
         flush=True,
     )

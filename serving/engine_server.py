@@ -130,6 +130,7 @@ class EngineServer:
             "kv_blocks_used": gauges.get("kv_blocks_used", 0),
             "kv_blocks_total": gauges.get("kv_blocks_total") or self.spec.engine.num_kv_blocks,
             "num_steps": self.engine.num_steps,
+            "num_preemptions": gauges.get("num_preemptions", 0),
             "expert_worker_tokens": list(self._expert_tokens),
             "balancing": dict(gauges.get("balancing") or {}),
             "faults": dict(gauges.get("faults") or {}),

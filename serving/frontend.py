@@ -4,22 +4,27 @@ the call into the engine deployment, detokenization, and the metrics of every re
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from engine.detokenizer import IncrementalDetokenizer
+from engine.logits import TokenLogprob
 from engine.request import SamplingParams
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
 from serving.engine_server import EngineFailure
 from serving.metrics import RequestTimer, ServingMetrics
 from serving.openai_protocol import APIError, invalid, new_id, queue_full, unavailable
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,9 @@ CONTROL_TIMEOUT_S = 10.0  # health and metrics calls to the engine replicas
 class IngressSpec:
     model_dir: str
     served_model_name: str
+    api_key: str | None = None  # None: no authentication
+    strict_requests: bool = False  # unknown request fields: 400 instead of a warning
+    allowed_origins: tuple[str, ...] = ()  # CORS; () is off, ("*",) any origin
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,8 @@ class TextDelta:
     finish_reason: str | None  # set on the last delta only
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when asked for
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
 
 class Frontend:
@@ -51,6 +61,7 @@ class Frontend:
         self.tokenizer = Tokenizer(spec.model_dir)
         self.context_length = ModelConfig.from_file(Path(spec.model_dir)).max_position_embeddings
         self.model = spec.served_model_name
+        self.spec = spec
         self.metrics = ServingMetrics(self.model)
 
     def check_model(self, name: str) -> None:
@@ -62,27 +73,49 @@ class Frontend:
             )
 
     async def stream(
-        self, prompt_token_ids: list[int], params: SamplingParams, timer: RequestTimer
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        timer: RequestTimer,
+        request_id: str | None = None,
     ) -> AsyncIterator[TextDelta]:
         """Text deltas of one request. Errors before the first delta raise `APIError`; a consumer
         that stops early cancels the engine call (the engine aborts the request)."""
-        call = self.streaming.generate.remote(prompt_token_ids, params, new_id("req"))
+        request_id = request_id or new_id("req")
+        log.info(
+            "request %s: %d prompt tokens, max_tokens %d",
+            request_id,
+            len(prompt_token_ids),
+            params.max_tokens,
+        )
+        call = self.streaming.generate.remote(prompt_token_ids, params, request_id)
         text = IncrementalDetokenizer(self.tokenizer, params.stop)
         finished = admitted = False
         items = _engine_items(call)
         try:
             async for item in items:
                 if isinstance(item, EngineFailure):
-                    raise _failure_error(item)
+                    raise _failure_error(item, request_id)
                 if not admitted:
                     timer.admitted(item.num_prompt_tokens)
                     admitted = True
                 timer.tokens(item.new_token_ids)
                 finished = item.finished
-                delta = text.add(item.new_token_ids, final=finished)
+                shown = item.new_token_ids
+                if finished and shown and shown[-1] in params.stop_token_ids and not params.ignore_eos:
+                    shown = shown[:-1]  # the stop token that ended it is not part of the text
+                delta = text.add(shown, final=finished)
                 reason = (item.finish_reason.value if item.finish_reason else "stop") if finished else None
+                if finished:
+                    timer.engine_finished(reason, item.num_output_tokens)
                 yield TextDelta(
-                    item.new_token_ids, delta, reason, item.num_prompt_tokens, item.num_output_tokens
+                    item.new_token_ids,
+                    delta,
+                    reason,
+                    item.num_prompt_tokens,
+                    item.num_output_tokens,
+                    item.logprobs,
+                    item.prompt_logprobs,
                 )
         finally:
             await items.aclose()
@@ -116,7 +149,41 @@ async def _engine_items(call: Any) -> AsyncIterator[Any]:
     except BackPressureError as e:
         raise queue_full(f"the engine's queue is full; retry later ({e.message})") from None
     except (DeploymentUnavailableError, RayActorError) as e:
-        raise unavailable(f"the engine is unavailable: {e}") from None
+        log.warning("the engine is unavailable: %s", e)
+        raise unavailable("the engine is unavailable; retry later") from None
+
+
+async def merge(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """(index of the stream, item) from several streams as their items arrive. The first error
+    of any stream is raised; closing the merge closes every stream (cancelling their requests)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async with aclosing(stream):
+                async for item in stream:
+                    await queue.put((i, item, None))
+        except Exception as e:
+            await queue.put((i, None, e))
+        finally:
+            await queue.put((i, None, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item, error = await queue.get()
+            if error is done:
+                remaining -= 1
+            elif error is not None:
+                raise error
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _cancel(call: Any) -> None:
@@ -127,9 +194,11 @@ def _cancel(call: Any) -> None:
         log.debug("cancel after %s: nothing to cancel", type(e).__name__)
 
 
-def _failure_error(failure: EngineFailure) -> APIError:
+def _failure_error(failure: EngineFailure, request_id: str) -> APIError:
+    """The client's error for an engine failure: our own words, internals only in the log."""
     if failure.kind == "queue_full":
         return queue_full(failure.message)
     if failure.kind == "engine_dead":
-        return unavailable(failure.message)
+        log.warning("request %s: the engine is not running: %s", request_id, failure.message)
+        return unavailable(f"the engine is not running; retry later (request id {request_id})")
     return invalid(failure.message)

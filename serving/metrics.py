@@ -1,7 +1,11 @@
 """Prometheus metrics of the serving path, rendered by the ingress at `GET /metrics`.
 
-Latencies are measured where the client sees them (the ingress): time to first token from the
-request's arrival, inter-token latency between successive token deltas. Engine gauges (running
+Names and labels follow vLLM's where the meaning is the same (`vllm:` becomes `llama4_ep_`), so
+vLLM dashboards and alerts carry over. Latencies are measured where the client sees them (the
+ingress): time to first token from the request's arrival, inter-token latency between
+successive token deltas, time per output token over a request after its first token. The
+ingress cannot see when the engine scheduled a request, so "prefill" time here is arrival to
+first token (queueing included) and "decode" time first to last token. Engine gauges (running
 and waiting requests, KV blocks, tokens per expert worker) come from every engine replica at
 scrape time and carry a `replica` label. Each ingress replica keeps its own registry; with more
 than one ingress replica, scrape each (or sum them) as with any multi-process exporter.
@@ -18,9 +22,20 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 PREFIX = "llama4_ep"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
-E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+# vLLM's buckets, extended to hours: a queued long-context request on a busy cluster takes that long
+TTFT_BUCKETS = (
+    0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0, 160.0, 640.0, 2560.0, 7200.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+    5.0, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+E2E_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 3600.0, 7680.0, 14400.0,
+)  # fmt: skip
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
 class EngineCollector:
@@ -49,6 +64,11 @@ class EngineCollector:
                 f"{PREFIX}_kv_blocks_total", "KV cache blocks in all", labels=labels
             ),
         }
+        preemptions = CounterMetricFamily(
+            f"{PREFIX}_num_preemptions",
+            "Requests preempted (KV freed, recomputed later) since the replica started",
+            labels=labels,
+        )
         usage = GaugeMetricFamily(
             f"{PREFIX}_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1)", labels=labels
         )
@@ -63,10 +83,12 @@ class EngineCollector:
             for key, family in families.items():
                 family.add_metric(values, float(snap[key]))
             usage.add_metric(values, snap["kv_blocks_used"] / max(snap["kv_blocks_total"], 1))
+            preemptions.add_metric(values, float(snap.get("num_preemptions", 0)))
             for worker_idx, tokens in enumerate(snap["expert_worker_tokens"]):
                 expert.add_metric([*values, str(worker_idx)], float(tokens))
         yield from families.values()
         yield usage
+        yield preemptions
         yield expert
         yield from balancing_families(self.snapshots, self.model_name)
         yield from fault_families(self.snapshots, self.model_name)
@@ -180,6 +202,47 @@ class ServingMetrics:
             buckets=E2E_BUCKETS,
             registry=r,
         )
+        self.tpot = Histogram(
+            f"{PREFIX}_time_per_output_token_seconds",
+            "Mean time per output token after the first, per request",
+            model,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.prefill = Histogram(
+            f"{PREFIX}_request_prefill_time_seconds",
+            "Arrival to first token (queueing and prefill; the ingress cannot tell them apart)",
+            model,
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.decode = Histogram(
+            f"{PREFIX}_request_decode_time_seconds",
+            "First to last token",
+            model,
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.request_prompt_tokens = Histogram(
+            f"{PREFIX}_request_prompt_tokens",
+            "Prompt tokens per request",
+            model,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.request_generation_tokens = Histogram(
+            f"{PREFIX}_request_generation_tokens",
+            "Generated tokens per request",
+            model,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.success = Counter(
+            f"{PREFIX}_request_success",
+            "Requests the engine finished, by finish reason (stop, length, abort)",
+            [*model, "finished_reason"],
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             f"{PREFIX}_prompt_tokens", "Prompt tokens of admitted requests", model, registry=r
         )
@@ -202,19 +265,30 @@ class RequestTimer:
         self.m = metrics
         self.endpoint = endpoint
         self.start = time.perf_counter()
+        self.first: float | None = None
         self.last: float | None = None
         self.done = False
+        self.num_tokens = 0
 
     def admitted(self, num_prompt_tokens: int) -> None:
         self.m.prompt_tokens.labels(self.m.model_name).inc(num_prompt_tokens)
+        self.m.request_prompt_tokens.labels(self.m.model_name).observe(num_prompt_tokens)
+
+    def engine_finished(self, reason: str, num_output_tokens: int) -> None:
+        """One engine request (a choice) ended with this finish reason."""
+        self.m.success.labels(self.m.model_name, reason).inc()
+        self.m.request_generation_tokens.labels(self.m.model_name).observe(num_output_tokens)
 
     def tokens(self, token_ids: Iterable[int]) -> None:
         n = len(list(token_ids))
         if not n:
             return
         now = time.perf_counter()
+        self.num_tokens += n
         if self.last is None:
+            self.first = now
             self.m.ttft.labels(self.m.model_name).observe(now - self.start)
+            self.m.prefill.labels(self.m.model_name).observe(now - self.start)
         else:
             self.m.itl.labels(self.m.model_name).observe(now - self.last)
         self.last = now
@@ -227,4 +301,8 @@ class RequestTimer:
         self.done = True
         self.m.requests.labels(self.m.model_name, self.endpoint, str(status)).inc()
         if self.last is not None:
-            self.m.e2e.labels(self.m.model_name).observe(self.last - self.start)
+            model = self.m.model_name
+            self.m.e2e.labels(model).observe(self.last - self.start)
+            self.m.decode.labels(model).observe(self.last - self.first)
+            if self.num_tokens > 1:
+                self.m.tpot.labels(model).observe((self.last - self.first) / (self.num_tokens - 1))

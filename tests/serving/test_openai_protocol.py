@@ -36,8 +36,8 @@ def test_valid_completion_request():
         ({"model": "m", "prompt": "hi", "temperature": 2.5}, "temperature", "less_than_equal"),
         ({"model": "m", "prompt": "hi", "top_p": 0}, "top_p", "greater_than"),
         ({"model": "m", "prompt": "hi", "stream": "yes"}, "stream", "bool_type"),
-        ({"model": "m", "prompt": "hi", "n": 2}, "n", "value_error"),
-        ({"model": "m", "prompt": "hi", "bogus": 1}, "bogus", "extra_forbidden"),
+        ({"model": "m", "prompt": "hi", "n": 0}, "n", "greater_than_equal"),
+        ({"model": "m", "prompt": "hi", "best_of": 1, "n": 2}, None, "value_error"),
         ({"model": "m", "prompt": []}, "prompt", "value_error"),
         ({"model": "m", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "value_error"),
     ],
@@ -56,7 +56,7 @@ def test_bad_completion_requests(body, param, code):
         ({"model": "m", "messages": []}, "messages"),
         ({"model": "m", "messages": "hi"}, "messages"),
         ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-        ({"model": "m", "messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"model": "m", "messages": [{"role": "user"}]}, "messages.0"),  # "content is required"
     ],
 )
 def test_bad_chat_requests(body, param):

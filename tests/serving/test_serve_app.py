@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import grpc
 import httpx
 import openai
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.core import EngineConfig
@@ -24,53 +24,16 @@ from engine.llm_engine import LLMEngine
 from engine.request import SamplingParams
 from model.tokenizer import Tokenizer
 from serving import APP_NAME
-from serving.app import IngressDeployment, ServeAppConfig, build_app
+from serving.app import IngressDeployment
 from serving.client import Completion, GRPCClient, ServerError
 from serving.engine_server import EngineFailure
 from serving.frontend import IngressSpec
-from serving.grpc_service import SERVICER_FUNCTION
 from serving.proto_gen import llama4_ep_pb2, llama4_ep_pb2_grpc
 from tests.helpers import random_prompts
+from tests.serving.conftest import ENGINE, MAX_PENDING
 
-ENGINE = {"num_kv_blocks": 1024, "block_size": 16}
-MAX_PENDING = 18  # the engine's queue: room for the 16 simultaneous streams
 MAX_TOKENS = 8
 IGNORE_EOS = {"ignore_eos": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class Server:
-    http: str
-    grpc: str
-    model: str
-
-
-@pytest.fixture(scope="module")
-def server(ray_session, tiny_maverick):
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    http_port, grpc_port = free_port(), free_port()
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": http_port},
-        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
-    )
-    config = ServeAppConfig(
-        model=str(tiny_maverick),
-        engine=ENGINE,
-        max_pending=MAX_PENDING,
-    )
-    try:
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        yield Server(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", tiny_maverick.name)
-    finally:
-        serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +174,9 @@ def bad_bodies(model: str) -> list[tuple[str, object, str | None]]:
         ("/v1/completions", {**ok, "temperature": 3.0}, "temperature"),
         ("/v1/completions", {**ok, "top_p": 1.5}, "top_p"),
         ("/v1/completions", {**ok, "top_k": -2}, "top_k"),
-        ("/v1/completions", {**ok, "n": 3}, "n"),
-        ("/v1/completions", {**ok, "frobnicate": True}, "frobnicate"),
+        ("/v1/completions", {**ok, "n": 17}, "n"),
+        ("/v1/completions", {**ok, "logprobs": 21}, "logprobs"),
+        ("/v1/completions", {**ok, "guided_regex": "(unclosed"}, "guided_regex"),
         ("/v1/completions", {**ok, "model": "gpt-4"}, "model"),
         ("/v1/completions", {"model": model, "prompt": [1, 202048]}, "prompt"),
         ("/v1/completions", {"model": model, "prompt": list(range(1, 4091)), "max_tokens": 10}, "max_tokens"),
@@ -396,26 +360,37 @@ def test_queue_full_is_429_and_resource_exhausted_then_serving_goes_on(server):
                     break
                 await asyncio.sleep(0.1)
             over = await c.post("/v1/completions", json={**body, "stream": False})
-            with GRPCClient(server.grpc) as g:
+            with grpc.insecure_channel(server.grpc) as channel:
+                stub = llama4_ep_pb2_grpc.Llama4EPStub(channel)
+                request = llama4_ep_pb2.GenerateRequest(prompt="x", max_tokens=2)
                 try:
-                    await asyncio.to_thread(g.generate, prompt="x", max_tokens=2)
-                    grpc_status = "OK"
-                except ServerError as e:
-                    grpc_status = e.status
+                    await asyncio.to_thread(stub.Generate, request, metadata=(("application", APP_NAME),))
+                    grpc_status, retry_s = "OK", None
+                except grpc.RpcError as e:
+                    grpc_status, retry_s = e.code().name, _retry_delay_s(e)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            return over, grpc_status
+            return over, grpc_status, retry_s
 
-    over, grpc_status = asyncio.run(main())
+    over, grpc_status, retry_s = asyncio.run(main())
     assert over.status_code == 429 and over.json()["error"]["code"] == "queue_full"
     assert over.headers.get("retry-after") == "1"
-    assert grpc_status == "RESOURCE_EXHAUSTED"
+    assert grpc_status == "RESOURCE_EXHAUSTED" and retry_s == 1  # google.rpc.RetryInfo
     wait_until_idle()
     r = httpx.post(
         f"{server.http}/v1/completions", json={"model": server.model, "prompt": "ok", "max_tokens": 3}
     )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def _retry_delay_s(error: grpc.RpcError) -> int | None:
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.seconds
+    return None
 
 
 def wait_until_idle(timeout_s: float = 60.0) -> dict:
