@@ -41,7 +41,10 @@ def server(ray_session, tiny_maverick):
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(SERVICER_FUNCTIONS)),
     )
-    config = ServeAppConfig(model=str(tiny_maverick), engine=ENGINE, max_pending=MAX_PENDING)
+    # the workers' CPU shares leave room for the other applications the serving tests deploy
+    config = ServeAppConfig(
+        model=str(tiny_maverick), engine=ENGINE, max_pending=MAX_PENDING, cpus_per_worker=0.4
+    )
     try:
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         yield Server(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", tiny_maverick.name)

@@ -1,13 +1,13 @@
 """Faults through the Serve application, as clients see them: an expert worker killed while 8
 completions stream (the official `openai` client); every stream ends with all its tokens, the
 same text as a fault-free run. A prompt too long for the KV cache gets one 400; the others are
-unaffected. Its own application: 2 attention + 3 expert workers with a redundant slot each."""
+unaffected. Its own application on the session's Serve instance, at /faults: 2 attention + 3
+expert workers with a redundant slot each."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 
 import httpx
@@ -20,7 +20,6 @@ from engine.core import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.request import SamplingParams
 from model.tokenizer import Tokenizer
-from serving import APP_NAME
 from serving.app import ServeAppConfig, build_app
 from tests.helpers import random_prompts
 
@@ -28,27 +27,25 @@ ENGINE = {"num_kv_blocks": 256, "block_size": 16}
 MAX_TOKENS = 24
 PROMPTS = random_prompts([9, 20, 14, 31, 6, 17, 25, 11], seed=61)
 
+APP = "faults"
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def base_url(ray_session, tiny_maverick):
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def base_url(server, tiny_maverick):
     config = ServeAppConfig(
-        model=str(tiny_maverick), attention_workers=2, expert_workers=3, redundant_slots=1, engine=ENGINE
+        model=str(tiny_maverick),
+        attention_workers=2,
+        expert_workers=3,
+        redundant_slots=1,
+        engine=ENGINE,
+        cpus_per_worker=0.1,
     )
+    serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
     try:
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        yield f"{server.http}/{APP}"
     finally:
-        serve.shutdown()
+        serve.delete(APP)
 
 
 def test_an_expert_worker_killed_while_eight_streams_run(base_url, tiny_maverick):
@@ -85,7 +82,7 @@ def test_an_expert_worker_killed_while_eight_streams_run(base_url, tiny_maverick
         t.start()
     for event in started:  # every stream has text: the kill lands mid-stream for all of them
         assert event.wait(timeout=120)
-    pids = serve.get_deployment_handle("EngineServer", APP_NAME).worker_pids.remote().result()
+    pids = serve.get_deployment_handle("EngineServer", APP).worker_pids.remote().result()
     os.kill(pids["expert"][1], signal.SIGKILL)
     for t in threads:
         t.join(timeout=180)
