@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.attention_worker import AttentionWorker, StepInput, StepResult
 from cluster.config import ClusterConfig
@@ -34,6 +34,7 @@ from cluster.membership import Command, HeaderBoard
 from cluster.placement_groups import bundles_in, reserve
 from cluster.rebalancer import Rebalancer
 from cluster.recovery import ClusterUnavailable, FaultStats, Recovery, StepOutcome, await_step
+from cluster.resize import Bundle, Resizer
 from engine.core import EngineConfig, RequestOutput, check_fits
 from engine.data_parallel import RequestBook
 from engine.protocol import Completion, generate
@@ -106,40 +107,54 @@ class ClusterEngine:
         # replicas of one expert on different nodes where there are several (a node's loss then
         # leaves each replicated expert served)
         self.placement = spread_over_nodes(self.placement, self.expert_nodes)
-
-        def options(i: int) -> dict:
-            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=offset + i)
-            # two threads: a step (or the expert loop) blocks one; control calls and pings use the other
-            return {
-                "scheduling_strategy": strategy,
-                "num_cpus": specs[i].get("CPU", 0),
-                "num_gpus": specs[i].get("GPU", 0),
-                "max_concurrency": 2,
-            }
-
+        placed = [Bundle(pg, offset + i, dict(spec)) for i, spec in enumerate(specs)]
+        self.worker_bundle = dict(specs[0])  # what a worker added later reserves
         attn_cls, expert_cls = ray.remote(AttentionWorker), ray.remote(ExpertWorker)
         self.attention = [
-            attn_cls.options(**options(r)).remote(
+            attn_cls.options(**placed[r].options()).remote(
                 self.model_dir, r, self.layout, self.placement, self.engine_cfg, c.device
             )
             for r in range(m)
         ]
         self.experts = [
-            expert_cls.options(**options(m + w)).remote(
+            expert_cls.options(**placed[m + w].options()).remote(
                 self.model_dir, w, self.layout, self.placement, self.engine_cfg.dtype, c.device
             )
             for w in range(c.num_expert_workers)
         ]
-        # where each worker runs: a hung process on this node is killed at once (ray.kill waits a
-        # few seconds for a process that cannot answer)
         workers = self.attention + self.experts
-        self._where = dict(
-            zip(map(_actor_key, workers), ray.get([w.where.remote() for w in workers]), strict=True)
-        )
+        self._where = {}
+        ray.get(self.track(workers))
+        self.resizer = Resizer(self, {self.key(w): b for w, b in zip(workers, placed, strict=True)})
         self.board = HeaderBoard(ray.util.get_node_ip_address())
         self.recovery = Recovery(self)
         self.recovery.join(self.board.new_epoch())
         self.rebalancer = Rebalancer(self.placement, c.rebalance, self.experts, self.expert_nodes)
+
+    def track(self, workers: list) -> list[ray.ObjectRef]:
+        """Learn where workers run (refs that complete once each worker is constructed): a hung
+        process on this node is then killed at once (ray.kill waits a few seconds for a process
+        that cannot answer)."""
+        refs = [w.where.remote() for w in workers]
+        for w, ref in zip(workers, refs, strict=True):
+            self._where[self.key(w)] = ref
+        return refs
+
+    def where_of(self, worker) -> tuple[str, int] | None:
+        """(node id, pid) of a worker; None while it is still being constructed (or never was)."""
+        where = self._where.get(self.key(worker))
+        if isinstance(where, ray.ObjectRef):
+            if not ray.wait([where], timeout=0)[0]:
+                return None
+            try:
+                where = self._where[self.key(worker)] = ray.get(where)
+            except RayActorError:
+                return None
+        return where
+
+    @staticmethod
+    def key(actor) -> str:
+        return actor._actor_id.hex()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -163,11 +178,26 @@ class ClusterEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.book.has_work
+        """Requests to serve, or a resize to finish (it advances between steps)."""
+        return self.book.has_work or self.resizer.busy
+
+    def resize(self, num_attention: int, num_expert: int, drain: bool = True) -> None:
+        """Grow or shrink the tiers while serving (`cluster.resize`). Returns at once; the new size
+        serves from a step a little later. A size below one worker per tier, above one expert
+        worker per expert, or beyond the free resources raises ValueError and changes nothing."""
+        busy_before = self.resizer.busy
+        self.resizer.request(num_attention, num_expert, drain)
+        if self.resizer.busy and not busy_before and self.rebalancer is not None:
+            # a rearrangement in flight would switch maps under the resize: drop it, resume after
+            ray.get([x.discard_staged.remote() for x in self.experts])
+            self.rebalancer.reset(self.placement, self.experts, self.expert_nodes)
 
     def step(self) -> list[RequestOutput]:
         """One lock-step over all attention workers (and, through them, the expert workers). A
-        step that loses a worker is recovered and run again; what completed is kept."""
+        step that loses a worker is recovered and run again; what completed is kept. A resize in
+        flight advances first (and switches the members here, between two steps)."""
+        if self.resizer.busy:
+            self.resizer.poll(timeout_s=0.0 if self.book.has_work else 0.05)
         if not self.book.has_work:
             return []
         outputs: list[RequestOutput] = []
@@ -185,14 +215,15 @@ class ClusterEngine:
 
     def _step_once(self) -> StepOutcome:
         step_id = next(self._step_ids)
-        placement = self.rebalancer.before_step() if self.rebalancer else None
+        rebalancing = self.rebalancer is not None and not self.resizer.busy
+        placement = self.rebalancer.before_step() if rebalancing else None
         if placement is not None:
             self.placement = placement
         inputs = [StepInput(step_id, r.new_requests, r.aborts, placement) for r in self.book.take_inputs()]
         self.board.publish(step_id, self.placement.version)
         refs = [w.step.remote(i) for w, i in zip(self.attention, inputs, strict=True)]
         outcome = await_step(self, refs)
-        if not outcome.failed and self.rebalancer is not None:
+        if not outcome.failed and rebalancing:
             self.rebalancer.after_step(step_id, outcome.results)
         return outcome
 
@@ -220,6 +251,9 @@ class ClusterEngine:
             "num_preemptions": sum(x.num_preemptions for x in r),
             "faults": self.faults.figures(self.board.epoch if self.board else 0),
             "workers": {"attention": len(self.attention), "expert": len(self.experts)},
+            "workers_desired": dict(self.resizer.stats.desired)
+            or {"attention": len(self.attention), "expert": len(self.experts)},
+            "resize_seconds": list(self.resizer.stats.seconds),
         }
         if self.rebalancer is not None:
             figures["tokens_per_expert_worker"] = self.rebalancer.tokens_per_worker.tolist()
@@ -246,7 +280,7 @@ class ClusterEngine:
 
     def kill(self, worker) -> None:
         """Kill a worker now: SIGKILL if it runs on this node, and through Ray either way."""
-        node, pid = self._where.get(_actor_key(worker), (None, None))
+        node, pid = self.where_of(worker) or (None, None)
         if node == ray.get_runtime_context().get_node_id() and pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -268,6 +302,8 @@ class ClusterEngine:
         self.loops = []
         for actor in self.attention + self.experts:
             ray.kill(actor)
+        if getattr(self, "resizer", None) is not None:
+            self.resizer.release_all()
         if self.rebalancer is not None:
             ray.kill(self.rebalancer.service)
             self.rebalancer = None
@@ -283,10 +319,6 @@ class ClusterEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _actor_key(actor) -> str:
-    return actor._actor_id.hex()
 
 
 def generate_on_cluster(

@@ -195,6 +195,7 @@ class Recovery:
         """A new epoch over the survivors of a failed step; raises ClusterUnavailable when there
         are none to serve with."""
         e, t0 = self.engine, time.perf_counter()
+        e.resizer.cancel("a worker was lost")  # its plan counted the members that were
         lost_a, lost_x = sorted(outcome.lost_attention), sorted(outcome.lost_experts)
         e.faults.worker_failures["attention"] += len(lost_a)
         e.faults.worker_failures["expert"] += len(lost_x)

@@ -54,6 +54,7 @@ class RequestBook:
         self._entries: dict[str, _Entry] = {}
         self._new: list[list[str]] = [[] for _ in range(num_ranks)]
         self._aborts: list[list[str]] = [[] for _ in range(num_ranks)]
+        self._draining: set[int] = set()  # ranks that take no new requests (about to leave)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._entries
@@ -118,6 +119,26 @@ class RequestBook:
         """A rank refused the request: forget it."""
         self._entries.pop(request_id, None)
 
+    def drain(self, ranks: Iterable[int]) -> None:
+        """These ranks take no new requests from now on (they finish the ones they have)."""
+        self._draining |= set(ranks)
+        if self._draining and len(self._draining) >= self.num_ranks:
+            raise ValueError("cannot drain every data-parallel rank")
+
+    def undrain(self, ranks: Iterable[int]) -> None:
+        self._draining -= set(ranks)
+
+    def drained(self, ranks: Iterable[int]) -> bool:
+        """True once no request is on any of these ranks."""
+        ranks = set(ranks)
+        return not any(e.rank in ranks for e in self._entries.values())
+
+    def add_ranks(self, n: int) -> None:
+        """n new ranks at the end, empty (new requests go to them first: they are the least loaded)."""
+        self.num_ranks += n
+        self._new += [[] for _ in range(n)]
+        self._aborts += [[] for _ in range(n)]
+
     def renumber(self, lost: Iterable[int], survivors: Sequence[int]) -> list[str]:
         """The ranks in `lost` are gone and rank survivors[j] is now rank j. Every request of a lost
         rank goes to a surviving one as a new request carrying the tokens it streamed (its KV is
@@ -130,6 +151,7 @@ class RequestBook:
         self._new = [self._new[old] for old in survivors]
         self._aborts = [self._aborts[old] for old in survivors]
         self.num_ranks = len(survivors)
+        self._draining = {new_rank[r] for r in self._draining if r in new_rank}
         for entry in self._entries.values():
             entry.rank = new_rank.get(entry.rank, -1)
         for rid in moved:
@@ -143,8 +165,11 @@ class RequestBook:
         return Request(request_id, list(entry.prompt), entry.params, output_token_ids=list(entry.output))
 
     def _unfinished_per_rank(self) -> list[int]:
+        """Per rank, its unfinished requests (a draining rank counts as full)."""
         counts = [0] * self.num_ranks
         for entry in self._entries.values():
             if entry.rank >= 0:
                 counts[entry.rank] += 1
+        for rank in self._draining:
+            counts[rank] = len(self._entries) + 1
         return counts
