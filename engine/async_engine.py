@@ -9,12 +9,14 @@ its request, which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from engine.core import RequestOutput
 from engine.protocol import Engine, EngineUnavailable
@@ -43,6 +45,12 @@ class _Add:
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[Engine], Any]
+    result: concurrent.futures.Future
 
 
 class AsyncEngine:
@@ -133,7 +141,23 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _apply(self, cmd: _Add | _Abort) -> None:
+    def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
+        """Run fn(engine) on the loop thread between two steps (the only thread that touches the
+        engine); the future holds its result or its exception."""
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        if not self.alive:
+            result.set_exception(EngineDeadError(f"the engine is not running: {self.reason}"))
+        else:
+            self._commands.put(_Call(fn, result))
+        return result
+
+    def _apply(self, cmd: _Add | _Abort | _Call) -> None:
+        if isinstance(cmd, _Call):
+            try:
+                cmd.result.set_result(cmd.fn(self.engine))
+            except Exception as e:  # the caller gets it; the loop goes on
+                cmd.result.set_exception(e)
+            return
         if isinstance(cmd, _Abort):
             if self._streams.pop(cmd.request_id, None) is not None:
                 self.engine.abort(cmd.request_id)
