@@ -35,6 +35,8 @@ from cluster.placement_groups import bundles_in, reserve
 from cluster.rebalancer import Rebalancer
 from cluster.recovery import ClusterUnavailable, FaultStats, Recovery, StepOutcome, await_step
 from cluster.resize import Bundle, Resizer
+from engine.autoscale import AutoscalerConfig, Decision, TierWindow, decide
+from engine.autoscale import State as AutoscaleState
 from engine.core import EngineConfig, RequestOutput, check_fits
 from engine.data_parallel import RequestBook
 from engine.protocol import Completion, generate
@@ -84,6 +86,10 @@ class ClusterEngine:
         self.rebalancer: Rebalancer | None = None
         self.faults = FaultStats()
         self.board: HeaderBoard | None = None
+        self.autoscaler = AutoscalerConfig()  # off until `configure` turns it on
+        self._tier_window = TierWindow()
+        self._autoscale_state = AutoscaleState()
+        self.last_decision = ""
         try:
             self._start()
         except BaseException:
@@ -225,7 +231,56 @@ class ClusterEngine:
         outcome = await_step(self, refs)
         if not outcome.failed and rebalancing:
             self.rebalancer.after_step(step_id, outcome.results)
+        if not outcome.failed:
+            self._measure(outcome.results)
         return outcome
+
+    def _measure(self, results: list[StepResult]) -> None:
+        routed = sum(int(r.slot_load.sum()) for r in results if r.slot_load is not None)
+        kv = max((r.kv_blocks_used / max(r.kv_blocks_total, 1) for r in results), default=0.0)
+        self._tier_window.add_step(
+            routed, len(self.model_cfg.moe_layers), kv, sum(r.num_waiting for r in results)
+        )
+
+    # -- tiers ------------------------------------------------------------------------------
+
+    def configure(
+        self,
+        num_attention: int | None = None,
+        num_expert: int | None = None,
+        drain: bool = True,
+        autoscaler: AutoscalerConfig | None = None,
+    ) -> None:
+        """Operators' control (Serve's `reconfigure`): tier sizes to resize to, and the tier
+        autoscaler's settings. Bad values raise ValueError and change nothing."""
+        if autoscaler is not None and autoscaler.enabled:
+            top = self.model_cfg.num_local_experts
+            if autoscaler.expert.max_workers > top:
+                raise ValueError(
+                    f"autoscaler: max expert workers {autoscaler.expert.max_workers} exceeds the "
+                    f"{top} experts"
+                )
+        if num_attention is not None or num_expert is not None:
+            self.resize(num_attention or len(self.attention), num_expert or len(self.experts), drain)
+        if autoscaler is not None:
+            self.autoscaler = autoscaler
+            self._autoscale_state = AutoscaleState()
+
+    def autoscale(self, now_s: float) -> Decision | None:
+        """Measure the interval since the last call and let the tier autoscaler decide; resize
+        when it asks for other sizes (and no resize is in flight). None when it is off."""
+        if not self.autoscaler.enabled:
+            return None
+        m = self._tier_window.take(now_s, len(self.attention), len(self.experts))
+        decision, self._autoscale_state = decide(self.autoscaler, m, self._autoscale_state)
+        if decision.changes(m) and not self.resizer.busy:
+            self.last_decision = decision.reason
+            log.warning("tier autoscaler: %s", decision.reason)
+            try:
+                self.resize(decision.num_attention, decision.num_expert)
+            except ValueError as e:  # e.g. no resources for another worker now: try again later
+                log.warning("tier autoscaler cannot resize: %s", e)
+        return decision
 
     def _accept(self, results: list[StepResult]) -> list[RequestOutput]:
         """The outputs of the ranks whose step completed (a failed rank replays its step)."""

@@ -105,6 +105,42 @@ class Decision:
         return (self.num_attention, self.num_expert) != (m.num_attention, m.num_expert)
 
 
+class TierWindow:
+    """The figures `decide` reads, summed over the steps since the last measurement: the one
+    reduction the cluster engine (from its workers' step results) and the simulator (from its
+    priced steps) both use."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._steps = 0
+        self._routed = 0.0
+        self._kv_usage = 0.0
+        self._waiting = 0
+
+    def add_step(self, routed_rows: float, num_moe_layers: int, kv_usage: float, num_waiting: int) -> None:
+        """One step: rows routed over all MoE layers and attention ranks, the busiest rank's KV
+        usage, requests waiting over all ranks."""
+        self._steps += 1
+        self._routed += routed_rows / max(num_moe_layers, 1)
+        self._kv_usage = max(self._kv_usage, kv_usage)
+        self._waiting = num_waiting
+
+    def take(self, time_s: float, num_attention: int, num_expert: int) -> Measurements:
+        """The measurements of the steps since the last call (an idle interval reads as zero load)."""
+        m = Measurements(
+            time_s,
+            num_attention,
+            num_expert,
+            self._routed / self._steps if self._steps else 0.0,
+            self._kv_usage,
+            self._waiting,
+        )
+        self._reset()
+        return m
+
+
 def decide(cfg: AutoscalerConfig, m: Measurements, state: State) -> tuple[Decision, State]:
     """The tier sizes to have now, and the state to pass to the next call."""
     expert_dir, expert_why = _expert_direction(cfg, m)

@@ -30,6 +30,7 @@ from serving.engine_server import EngineServer, EngineSpec
 from serving.frontend import Frontend, IngressSpec
 from serving.grpc_service import GrpcService
 from serving.http_routes import OpenAIRoutes
+from serving.tiers import TierControl
 
 REPLICA_CPUS = 0.01  # the engine replica only drives its workers (disaggregated layout)
 API_KEY_ENV = "LLAMA4_EP_API_KEY"  # the API key when the config gives none
@@ -132,6 +133,10 @@ class ServeAppConfig(BaseModel):
     )
     strict_requests: bool = Field(False, description="unknown request fields: 400 instead of a warning")
     allowed_origins: list[str] = Field(default_factory=list, description="CORS origins; [] off, ['*'] any")
+    tiers: TierControl = Field(
+        default_factory=TierControl,
+        description="the engine deployment's initial user_config: tier sizes and the tier autoscaler",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ServeAppConfig":
@@ -139,6 +144,9 @@ class ServeAppConfig(BaseModel):
             raise ValueError("max_queued_requests must be -1 (no limit) or >= 1")
         if self.expert_workers == 0 and (self.redundant_slots or self.rebalance.enabled):
             raise ValueError("redundant_slots and rebalance need expert workers (expert_workers >= 1)")
+        t = self.tiers
+        if self.expert_workers == 0 and (t.attention_workers or t.expert_workers or t.autoscaler.enabled):
+            raise ValueError("tiers need the cluster engine (expert_workers >= 1)")
         self.engine.to_config()  # EngineConfig's own checks (dtype, ...)
         self.cluster_config()
         return self
@@ -157,6 +165,13 @@ class ServeAppConfig(BaseModel):
     def model_name(self) -> str:
         """What clients put in `model` (needs `model` resolved: see `resolve_model`)."""
         return self.served_model_name or Path(self.model or "").name
+
+    def tier_control(self) -> dict[str, Any] | None:
+        """The engine deployment's initial user_config (`tiers`). Replicas start with
+        `attention_workers` and `expert_workers`; to resize them in place, override the
+        EngineServer deployment's user_config in the Serve config (`deployments:`): Serve then
+        calls `reconfigure` on the running replicas. Editing the args restarts them."""
+        return self.tiers.model_dump() if self.expert_workers else None
 
     def cluster_config(self) -> ClusterConfig | None:
         if self.expert_workers == 0:
@@ -244,6 +259,7 @@ def build_app(config: ServeAppConfig) -> Application:
     engine = EngineDeployment.options(
         max_ongoing_requests=config.max_ongoing_requests or config.max_pending + 32,
         max_queued_requests=config.max_queued_requests,
+        user_config=config.tier_control(),
         **scaling_options(config),
         **replica_resources(config, resources.get("CPU", 0.0), resources.get("GPU", 0.0)),
     ).bind(spec)

@@ -58,6 +58,21 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="re-plan expert replicas from the measured load while serving",
     )
+    p.add_argument(
+        "--tier-autoscaler",
+        action="store_true",
+        help="size each replica's expert and attention tiers from their load (bounds below)",
+    )
+    p.add_argument("--min-expert-workers", type=_count("--min-expert-workers", 1), default=1)
+    p.add_argument("--max-expert-workers", type=_count("--max-expert-workers", 1), default=8)
+    p.add_argument("--min-attention-workers", type=_count("--min-attention-workers", 1), default=1)
+    p.add_argument("--max-attention-workers", type=_count("--max-attention-workers", 1), default=4)
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="CPUs each worker reserves (default: share the cluster's); leave room to add workers",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="workers' device")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--http-port", type=_count("--http-port", 1), default=DEFAULT_HTTP_PORT)
@@ -133,6 +148,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         expert_workers=args.expert_workers,
         redundant_slots=args.redundant_slots,
         rebalance={"enabled": args.rebalance},
+        tiers={
+            "autoscaler": {
+                "enabled": args.tier_autoscaler,
+                "min_expert_workers": args.min_expert_workers,
+                "max_expert_workers": args.max_expert_workers,
+                "min_attention_workers": args.min_attention_workers,
+                "max_attention_workers": args.max_attention_workers,
+            }
+        },
+        cpus_per_worker=args.cpus_per_worker,
         device=args.device,
         max_pending=args.max_pending,
         api_key=args.api_key,

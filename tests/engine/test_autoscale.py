@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.autoscale import AutoscalerConfig, Decision, Measurements, State, TierBounds, decide
+from engine.autoscale import AutoscalerConfig, Decision, Measurements, State, TierBounds, TierWindow, decide
 
 CFG = AutoscalerConfig(
     enabled=True,
@@ -86,3 +86,12 @@ def test_bad_configuration_is_refused():
         TierBounds(3, 2)
     with pytest.raises(ValueError, match="target_kv_usage"):
         AutoscalerConfig(target_kv_usage=1.5)
+
+
+def test_the_window_reduces_steps_to_the_measurements():
+    w = TierWindow()
+    w.add_step(routed_rows=400, num_moe_layers=4, kv_usage=0.2, num_waiting=3)
+    w.add_step(routed_rows=800, num_moe_layers=4, kv_usage=0.5, num_waiting=1)
+    m = w.take(12.0, num_attention=1, num_expert=2)
+    assert m == Measurements(12.0, 1, 2, tokens_per_step=150.0, kv_usage=0.5, num_waiting=1)
+    assert w.take(13.0, 1, 2).tokens_per_step == 0.0  # an idle interval
