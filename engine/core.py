@@ -9,16 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from attention.decoder import Llama4Decoder
-from attention.paged import KVPool, SeqChunk, build_batch
+from attention.paged import ImageRows, KVPool, SeqChunk, build_batch
+from attention.vision import VisionEncoder
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
+from engine.multimodal import RequestImages
 from engine.request import FinishReason, Request
 from engine.sampling import new_seed, sample
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from model.checkpoint import parse_dtype
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
+from model.vision_config import PATCH
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,17 @@ class EngineCore:
         decoder: Llama4Decoder,
         engine_cfg: EngineConfig,
         tokenizer: Tokenizer | None = None,
+        vision: VisionEncoder | None = None,
+        image_token_id: int = PATCH,
     ) -> None:
+        """`vision`: encodes the pixels of requests that bring images rather than features (None:
+        such requests are refused)."""
         self.cfg = cfg
         self.decoder = decoder
         self.engine_cfg = engine_cfg
         self.tokenizer = tokenizer
+        self.vision = vision
+        self.image_token_id = image_token_id
         dtype = parse_dtype(engine_cfg.dtype)
         self.pool = KVPool(
             engine_cfg.num_kv_blocks, engine_cfg.block_size, cfg.num_key_value_heads, cfg.head_dim, dtype
@@ -78,6 +89,7 @@ class EngineCore:
         self._seeds: dict[str, int] = {}
         self._stops: dict[str, IncrementalDetokenizer] = {}
         self._requests: dict[str, Request] = {}
+        self._images: dict[str, RequestImages] = {}
         self._pending: SchedulerOutput | None = None  # a step that ran into an error, to replay
         self._deferred_aborts: list[str] = []
 
@@ -92,7 +104,10 @@ class EngineCore:
             )
         if request.params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
+        images = self._place_images(request)
         self.scheduler.add(request)
+        if images is not None:
+            self._images[request.request_id] = images
         self._requests[request.request_id] = request
         seed = request.params.seed
         self._seeds[request.request_id] = seed if seed is not None else new_seed()
@@ -159,8 +174,39 @@ class EngineCore:
         self._deferred_aborts.clear()
         return outputs
 
+    def _place_images(self, request: Request) -> RequestImages | None:
+        """The request's image features (encoded here when it brings pixels), on the decoder's
+        device and dtype, paired with its `<|patch|>` positions."""
+        if not request.images and request.image_features is None:
+            return None
+        features = request.image_features
+        if features is None:
+            if self.vision is None:
+                raise ValueError(
+                    f"request {request.request_id!r} has images, but this engine has no vision encoder "
+                    "(the checkpoint has no vision tower)"
+                )
+            features = torch.cat(self.vision.encode_images(request.images))
+        if not isinstance(features, torch.Tensor):
+            raise ValueError(f"request {request.request_id!r}: image features must be a tensor")
+        embed = self.decoder.weights.embed
+        features = features.to(embed.device, embed.dtype)
+        return RequestImages.place(request.prompt_token_ids, features, self.image_token_id)
+
+    def _image_rows(self, request_id: str, start: int, num_tokens: int) -> ImageRows | None:
+        images = self._images.get(request_id)
+        return None if images is None else images.rows(start, start + num_tokens)
+
     def _execute(self, sched: SchedulerOutput) -> dict[str, int]:
-        chunks = [SeqChunk(c.request_id, c.token_ids, c.start_pos) for c in sched.chunks]
+        chunks = [
+            SeqChunk(
+                c.request_id,
+                c.token_ids,
+                c.start_pos,
+                self._image_rows(c.request_id, c.start_pos, len(c.token_ids)),
+            )
+            for c in sched.chunks
+        ]
         batch = build_batch(
             chunks,
             self.kv.block_table,
@@ -201,6 +247,7 @@ class EngineCore:
         self._seeds.pop(request_id, None)
         self._stops.pop(request_id, None)
         self._requests.pop(request_id, None)
+        self._images.pop(request_id, None)
 
 
 def _output(request: Request, new: tuple[int, ...]) -> RequestOutput:

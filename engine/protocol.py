@@ -12,14 +12,20 @@ from typing import Any, Protocol, runtime_checkable
 
 from engine.core import RequestOutput
 from engine.request import FinishReason, SamplingParams
+from model.image_processing import ProcessedImage
 
 
 @runtime_checkable
 class Engine(Protocol):
     def add(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        images: Sequence[ProcessedImage] = (),
     ) -> str:
-        """Queue a request; returns its id. A request that can never run raises ValueError."""
+        """Queue a request; returns its id. A request that can never run raises ValueError.
+        `images`: the prompt's images (its `<|image|>` placeholders already expanded)."""
         ...
 
     def abort(self, request_id: str) -> None:
