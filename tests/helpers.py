@@ -114,3 +114,23 @@ def checked_rows(prompt: list[int], every: int = 13) -> torch.Tensor:
     would cost more than the forward pass."""
     keep = {i for i, t in enumerate(prompt) if i % every == 0 or t != 200092} | {len(prompt) - 1}
     return torch.tensor(sorted(keep))
+
+
+def hf_greedy_with_images(model_dir: Path, prompt: list[int], images: list, max_new_tokens: int):
+    """transformers' greedy continuation of a prompt with images, and the smallest top-1/top-2
+    logit gap along it (see hf_greedy)."""
+    model = hf_vision_model(model_dir)
+    pixels = torch.cat([im.pixel_values for im in images]).float()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            pixel_values=pixels,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    return out.sequences[0, len(prompt) :].tolist(), min(gaps)
