@@ -17,6 +17,7 @@ BEGIN_OF_TEXT = 200000
 HEADER_START = 200005
 HEADER_END = 200006
 EOT = 200008
+IMAGE = 200090  # <|image|>: an image part of a message; the processor expands it (model.image_processing)
 STOP_TOKEN_IDS = (200001, 200007, 200008)
 CHAT_ROLES = ("system", "user", "assistant", "ipython", "tool")
 
@@ -51,10 +52,12 @@ class Tokenizer:
         return self._decode([t for t in ids if t not in self.stop_token_ids])
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = True
     ) -> list[int]:
         """`<|begin_of_text|>` then `<|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>` per
-        message, then `<|header_start|>assistant<|header_end|>\\n\\n` for the reply."""
+        message, then `<|header_start|>assistant<|header_end|>\\n\\n` for the reply. A content may
+        also be a list of parts, `{"type": "text", "text": ...}` or `{"type": "image"}` (one
+        `<|image|>` each, as transformers' Llama 4 template writes them)."""
         if not messages:
             raise ValueError("messages must hold at least one message")
         ids = [self.bos_id]
@@ -62,12 +65,28 @@ class Tokenizer:
             role, content = m.get("role"), m.get("content")
             if role not in CHAT_ROLES:
                 raise ValueError(f"messages[{i}].role is {role!r}; allowed: {', '.join(CHAT_ROLES)}")
-            if not isinstance(content, str):
-                raise ValueError(f"messages[{i}].content must be a string")
-            ids += self._header(role) + list(self._encode("\n\n" + content)) + [EOT]
+            ids += self._header(role) + self._content_ids(i, content) + [EOT]
         if add_generation_prompt:
             ids += self._header("assistant") + list(self._encode("\n\n"))
         return ids
+
+    def _content_ids(self, i: int, content: object) -> list[int]:
+        if isinstance(content, str):
+            return list(self._encode("\n\n" + content))
+        if not isinstance(content, Sequence):
+            raise ValueError(f"messages[{i}].content must be a string or a list of parts")
+        ids, text = [], "\n\n"
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                text += part["text"]
+            elif kind == "image":
+                ids += list(self._encode(text)) if text else []
+                ids.append(IMAGE)
+                text = ""
+            else:
+                raise ValueError(f"messages[{i}].content[{j}] must be a text part or an image part")
+        return ids + (list(self._encode(text)) if text else [])
 
     def _header(self, role: str) -> list[int]:
         return [HEADER_START, *self._encode(role), HEADER_END]

@@ -12,11 +12,12 @@ import io
 import json
 import re
 
+import jinja2
 import numpy as np
 import pytest
 from llama_models.llama4.tokenizer import Tokenizer as MetaTokenizer
 from PIL import Image
-from transformers.models.llama4.processing_llama4 import Llama4Processor
+from transformers.models.llama4.processing_llama4 import Llama4Processor, chat_template
 
 from model.image_processing import (
     ImageError,
@@ -25,6 +26,7 @@ from model.image_processing import (
     expand_image_placeholders,
     image_prompt,
 )
+from model.tokenizer import Tokenizer
 from model.vision_config import IMAGE, PATCH, ImageProcessingConfig
 from tests.model.processor_golden import GOLDEN, case_bytes, digest
 
@@ -91,3 +93,34 @@ def test_jpeg_decodes_to_rgb():
 def test_bad_images_raise_image_error(data, message):
     with pytest.raises(ImageError, match=message):
         decode_image(data, max_pixels=10_000)
+
+
+def test_chat_template_with_image_parts_equals_transformers_template():
+    """transformers' Llama 4 chat template (rendered with jinja2) tokenized with the special
+    tokens read as such, then the processor's expansion: the same ids as ours."""
+    messages = [
+        {"role": "system", "content": "Describe images."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": "What is in this picture, and"},
+                {"type": "image"},
+                {"type": "text", "text": " this one?"},
+            ],
+        },
+    ]
+    text = (
+        jinja2.Environment()
+        .from_string(chat_template)
+        .render(messages=messages, bos_token="<|begin_of_text|>", add_generation_prompt=True)
+    )
+    for ratio in ((1, 1), (2, 2)):
+        text = text.replace(
+            "<|image|>", Llama4Processor._prompt_split_image(None, ratio, 144).replace("<|image|>", "\0"), 1
+        )
+    expected = MetaTokenizer.get_instance().encode(
+        text.replace("\0", "<|image|>"), bos=False, eos=False, allowed_special="all"
+    )
+    ids = Tokenizer().apply_chat_template(messages)
+    assert expand_image_placeholders(ids, [(1, 1), (2, 2)], 144) == expected
