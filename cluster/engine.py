@@ -23,11 +23,13 @@ from cluster.config import ClusterConfig
 from cluster.expert_worker import ExpertWorker
 from cluster.placement_groups import bundles_in, reserve
 from cluster.rebalancer import Rebalancer
+from cluster.vision_worker import VisionTier, VisionWorker
 from engine.core import EngineConfig, RequestOutput
 from engine.data_parallel import least_loaded_rank
 from engine.protocol import Completion, generate
 from engine.request import FinishReason, Request, SamplingParams
 from model.config import ModelConfig
+from model.image_processing import ProcessedImage
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ class ClusterEngine:
         self._owner: dict[str, int] = {}
         self.last_results: list[StepResult] = []
         self.rebalancer: Rebalancer | None = None
+        self.vision: VisionTier | None = None  # None: attention workers encode their own images
         try:
             self._start()
         except BaseException:
@@ -106,7 +109,13 @@ class ClusterEngine:
         m = c.num_attention_workers
         self.attention = [
             attn_cls.options(**options(r)).remote(
-                self.model_dir, r, self.layout, self.placement, self.engine_cfg, c.device
+                self.model_dir,
+                r,
+                self.layout,
+                self.placement,
+                self.engine_cfg,
+                c.device,
+                load_vision=c.num_vision_workers == 0,
             )
             for r in range(m)
         ]
@@ -122,16 +131,37 @@ class ClusterEngine:
         ray.get([w.join.remote(master, self.layout.world_size) for w in workers])
         self._loops = [e.run_loop.remote() for e in self.experts]
         self.rebalancer = Rebalancer(self.placement, c.rebalance, self.experts)
+        self._start_vision(options, m + c.num_expert_workers)
+
+    def _start_vision(self, options, first_bundle: int) -> None:
+        """The vision-encoder tier, in the bundles after the expert workers'."""
+        n = self.cluster.num_vision_workers
+        if n == 0:
+            return
+        vision_cls = ray.remote(VisionWorker)
+        workers = [
+            vision_cls.options(**options(first_bundle + v)).remote(
+                self.model_dir, v, self.engine_cfg.dtype, self.cluster.device
+            )
+            for v in range(n)
+        ]
+        ray.get([w.stats.remote() for w in workers])  # loaded (a checkpoint without a tower fails here)
+        self.vision = VisionTier(workers)
 
     # -- requests -------------------------------------------------------------------------
 
     def add(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        images: Sequence[ProcessedImage] = (),
     ) -> str:
+        """`images`: encoded by the vision tier (or, without one, by the request's attention rank)."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._owner:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, list(prompt_token_ids), params)
+        request = Request(request_id, list(prompt_token_ids), params, images=tuple(images))
         limit = self.model_cfg.max_position_embeddings
         if request.num_tokens + params.max_tokens > limit:
             raise ValueError(
@@ -143,7 +173,10 @@ class ClusterEngine:
             counts[owner] += 1
         rank = least_loaded_rank(counts)
         self._owner[request_id] = rank
-        self._pending[rank].append(request)
+        if images and self.vision is not None:
+            self.vision.add(request, rank)  # to its rank once its features exist
+        else:
+            self._pending[rank].append(request)
         return request_id
 
     def abort(self, request_id: str) -> None:
@@ -151,6 +184,8 @@ class ClusterEngine:
         rank = self._owner.pop(request_id, None)
         if rank is None:
             return
+        if self.vision is not None and self.vision.discard(request_id):
+            return  # its images were still being encoded: no rank has it
         pending = self._pending[rank]
         kept = [r for r in pending if r.request_id != request_id]
         if len(kept) == len(pending):
@@ -165,6 +200,8 @@ class ClusterEngine:
     def step(self) -> list[RequestOutput]:
         """One lock-step over all attention workers (and, through them, the expert workers)."""
         if not self._owner and not any(self._aborts):
+            return []
+        if self.vision is not None and not self._take_encoded():
             return []
         step_id = next(self._step_ids)
         placement = self.rebalancer.before_step() if self.rebalancer else None
@@ -193,7 +230,23 @@ class ClusterEngine:
                 outputs.append(out)
                 if out.finished:
                     self._owner.pop(out.request_id, None)
+        if self.vision is not None:
+            for out in outputs:
+                if out.finished:
+                    self.vision.forget(out.request_id)
         return outputs
+
+    def _take_encoded(self) -> bool:
+        """Send new images to the vision tier and queue the requests whose features are ready;
+        False when nothing but encodings is in flight (then it waits a moment for one)."""
+        self.vision.submit()
+        for request, rank in self.vision.ready():
+            self._pending[rank].append(request)
+        on_workers = len(self._owner) - self.vision.num_waiting
+        if on_workers == 0 and not any(self._aborts):
+            self.vision.wait(timeout_s=0.05)
+            return False
+        return True
 
     def metrics(self) -> dict[str, Any]:
         """Gauges summed over attention ranks, as of the last step."""
@@ -237,6 +290,7 @@ class ClusterEngine:
         return {
             "attention": ray.get([w.stats.remote() for w in self.attention]),
             "experts": ray.get([w.stats.remote() for w in self.experts]),
+            "vision": self.vision.stats() if self.vision is not None else [],
         }
 
     def close(self) -> None:
@@ -248,8 +302,9 @@ class ClusterEngine:
         except Exception as e:  # a dead worker must not keep the rest alive
             log.warning("clean stop failed (%s); killing the workers", e)
         self._loops = []
-        for actor in self.attention + self.experts:
+        for actor in self.attention + self.experts + (self.vision.workers if self.vision else []):
             ray.kill(actor)
+        self.vision = None
         if self.rebalancer is not None:
             ray.kill(self.rebalancer.service)
             self.rebalancer = None
