@@ -29,6 +29,7 @@ from serving.engine_server import EngineServer, EngineSpec
 from serving.frontend import Frontend, IngressSpec
 from serving.grpc_service import GrpcService
 from serving.http_routes import OpenAIRoutes
+from serving.media import MediaConfig
 
 REPLICA_CPUS = 0.01  # the engine replica only drives its workers (disaggregated layout)
 
@@ -100,6 +101,28 @@ class RebalanceArgs(BaseModel):
         return RebalanceConfig(**self.model_dump())
 
 
+class MediaArgs(BaseModel):
+    """Where a request's images may come from, how many and how large (see `serving.media`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_images_per_prompt: int = Field(8, ge=1)
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="encoded size of one image")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width x height of one image")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="fetching one http(s) image URL")
+    allow_http: bool = Field(True, description="fetch http(s) image URLs (data: URLs are always taken)")
+    allowed_media_domains: list[str] | None = Field(
+        None, description="hosts images are fetched from; None: any"
+    )
+    allowed_local_media_path: str | None = Field(
+        None, description="file:// image URLs below this folder only; None: no local files"
+    )
+
+    def to_config(self) -> MediaConfig:
+        fields = self.model_dump()
+        domains = fields.pop("allowed_media_domains")
+        return MediaConfig(**fields, allowed_media_domains=None if domains is None else tuple(domains))
+
+
 class ServeAppConfig(BaseModel):
     """The application's arguments (the `args:` block of serve_config.yaml)."""
 
@@ -109,6 +132,10 @@ class ServeAppConfig(BaseModel):
     attention_workers: int = Field(1, ge=1)
     expert_workers: int = Field(2, ge=0, description="0: the single-process (colocated) engine")
     redundant_slots: int = Field(0, ge=0, description="expert slots per worker beyond experts / workers")
+    vision_workers: int = Field(
+        0, ge=0, description="vision-encoder actors per engine replica; 0: the attention workers encode"
+    )
+    media: MediaArgs = Field(default_factory=MediaArgs)
     rebalance: RebalanceArgs = Field(default_factory=RebalanceArgs)
     device: Literal["cpu", "cuda"] = "cpu"
     cpus_per_worker: float | None = Field(None, gt=0, description="None: share the cluster's CPUs")
@@ -131,7 +158,13 @@ class ServeAppConfig(BaseModel):
             raise ValueError("max_queued_requests must be -1 (no limit) or >= 1")
         if self.expert_workers == 0 and (self.redundant_slots or self.rebalance.enabled):
             raise ValueError("redundant_slots and rebalance need expert workers (expert_workers >= 1)")
+        if self.expert_workers == 0 and self.vision_workers:
+            raise ValueError(
+                "vision_workers need the disaggregated engine (expert_workers >= 1); "
+                "the single-process engine encodes images in-process"
+            )
         self.engine.to_config()  # EngineConfig's own checks (dtype, ...)
+        self.media.to_config()
         self.cluster_config()
         return self
 
@@ -139,8 +172,9 @@ class ServeAppConfig(BaseModel):
         """One engine replica's workers, in words (what `serve` and `experiment` print)."""
         if self.expert_workers == 0:
             return "single-process engine"
+        vision = f" + {self.vision_workers} vision workers" if self.vision_workers else ""
         return (
-            f"{self.attention_workers} attention + {self.expert_workers} expert workers, "
+            f"{self.attention_workers} attention + {self.expert_workers} expert workers{vision}, "
             f"{self.redundant_slots} redundant slots per worker, "
             f"rebalancing {'on' if self.rebalance.enabled else 'off'}"
         )
@@ -160,6 +194,7 @@ class ServeAppConfig(BaseModel):
             device=self.device,
             cpus_per_worker=self.cpus_per_worker,
             rebalance=self.rebalance.to_config(),
+            num_vision_workers=self.vision_workers,
         )
 
 
@@ -231,7 +266,7 @@ def build_app(config: ServeAppConfig) -> Application:
     ).bind(spec)
     name = config.model_copy(update={"model": model_dir}).model_name
     ingress = IngressDeployment.options(max_ongoing_requests=config.ingress_max_ongoing_requests)
-    return ingress.bind(engine, IngressSpec(model_dir, name))
+    return ingress.bind(engine, IngressSpec(model_dir, name, config.media.to_config()))
 
 
 def resolve_model(model: str | None) -> str:

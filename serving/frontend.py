@@ -16,9 +16,12 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from engine.detokenizer import IncrementalDetokenizer
 from engine.request import SamplingParams
 from model.config import ModelConfig
+from model.image_processing import ImageProcessor, ProcessedImage
 from model.tokenizer import Tokenizer
 from serving.engine_server import EngineFailure
+from serving.media import MediaConfig
 from serving.metrics import RequestTimer, ServingMetrics
+from serving.multimodal import ImageInputs
 from serving.openai_protocol import APIError, invalid, new_id, queue_full, unavailable
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,7 @@ CONTROL_TIMEOUT_S = 10.0  # health and metrics calls to the engine replicas
 class IngressSpec:
     model_dir: str
     served_model_name: str
+    media: MediaConfig = MediaConfig()  # where images may come from, and how many and how large
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Frontend:
         self.context_length = ModelConfig.from_file(Path(spec.model_dir)).max_position_embeddings
         self.model = spec.served_model_name
         self.metrics = ServingMetrics(self.model)
+        self.images = ImageInputs(ImageProcessor.for_checkpoint(spec.model_dir), spec.media)
 
     def check_model(self, name: str) -> None:
         if name != self.model:
@@ -62,11 +67,16 @@ class Frontend:
             )
 
     async def stream(
-        self, prompt_token_ids: list[int], params: SamplingParams, timer: RequestTimer
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        timer: RequestTimer,
+        images: list[ProcessedImage] | None = None,
     ) -> AsyncIterator[TextDelta]:
         """Text deltas of one request. Errors before the first delta raise `APIError`; a consumer
         that stops early cancels the engine call (the engine aborts the request)."""
-        call = self.streaming.generate.remote(prompt_token_ids, params, new_id("req"))
+        extra = {"images": images} if images else {}
+        call = self.streaming.generate.remote(prompt_token_ids, params, new_id("req"), **extra)
         text = IncrementalDetokenizer(self.tokenizer, params.stop)
         finished = admitted = False
         items = _engine_items(call)

@@ -15,6 +15,7 @@ import grpc
 from serving import openai_protocol as oai
 from serving.frontend import Frontend, TextDelta
 from serving.metrics import RequestTimer
+from serving.multimodal import ChatInput, ImageSource
 from serving.proto_gen import llama4_ep_pb2 as pb
 
 SERVICER_FUNCTION = "serving.proto_gen.llama4_ep_pb2_grpc.add_Llama4EPServicer_to_server"
@@ -65,6 +66,43 @@ def prompt_token_ids(request: pb.GenerateRequest, frontend: Frontend) -> list[in
     raise oai.invalid("set one of prompt, prompt_token_ids or chat", param="input")
 
 
+async def prompt_inputs(request: pb.GenerateRequest, frontend: Frontend) -> tuple[list[int], list]:
+    """The prompt's ids and its images (a chat whose messages have image parts)."""
+    if request.WhichOneof("input") == "chat" and any(m.parts for m in request.chat.messages):
+        return await frontend.images.chat_prompt(chat_input(request.chat), frontend.tokenizer)
+    return prompt_token_ids(request, frontend), []
+
+
+def chat_input(chat: pb.Chat) -> ChatInput:
+    """A chat's messages with their parts in order; images as bytes or URLs."""
+    messages, images = [], []
+    for i, m in enumerate(chat.messages):
+        if not m.parts:
+            messages.append({"role": m.role, "content": m.content})
+            continue
+        if m.content:
+            raise oai.invalid(
+                f"chat.messages.{i}: give content or parts, not both", param=f"chat.messages.{i}"
+            )
+        parts = []
+        for j, part in enumerate(m.parts):
+            kind, param = part.WhichOneof("part"), f"chat.messages.{i}.parts.{j}"
+            if kind == "text":
+                parts.append({"type": "text", "text": part.text})
+            elif kind in ("image", "image_url"):
+                src = (
+                    ImageSource(param, data=part.image)
+                    if kind == "image"
+                    else ImageSource(param, url=part.image_url)
+                )
+                images.append(src)
+                parts.append({"type": "image"})
+            else:
+                raise oai.invalid(f"{param}: set one of text, image or image_url", param=param)
+        messages.append({"role": m.role, "content": parts})
+    return ChatInput(messages, images)
+
+
 def _usage(delta: TextDelta) -> pb.Usage:
     return pb.Usage(
         prompt_tokens=delta.num_prompt_tokens,
@@ -77,18 +115,18 @@ class GrpcService:
     def __init__(self, frontend: Frontend) -> None:
         self.f = frontend
 
-    def _start(self, request: pb.GenerateRequest, timer: RequestTimer) -> AsyncIterator[TextDelta]:
+    async def _start(self, request: pb.GenerateRequest, timer: RequestTimer) -> AsyncIterator[TextDelta]:
         sampling = fields(request, self.f.model)
-        ids = prompt_token_ids(request, self.f)
+        ids, images = await prompt_inputs(request, self.f)
         max_tokens = sampling.max_tokens or DEFAULT_MAX_TOKENS
         params = oai.sampling_params(sampling, len(ids), self.f.context_length, max_tokens)
-        return self.f.stream(ids, params, timer)
+        return self.f.stream(ids, params, timer, images)
 
     async def generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
         timer = self.f.metrics.request("grpc.Generate")
         try:
             text, ids, last = "", [], None
-            async for last in self._start(request, timer):
+            async for last in await self._start(request, timer):
                 text += last.text
                 ids += last.token_ids
         except oai.APIError as e:
@@ -109,7 +147,7 @@ class GrpcService:
         timer = self.f.metrics.request("grpc.GenerateStream")
         rid = request.request_id
         try:
-            async for delta in self._start(request, timer):
+            async for delta in await self._start(request, timer):
                 yield pb.GenerateStreamResponse(
                     request_id=rid, delta=pb.TokenDelta(token_ids=delta.token_ids, text=delta.text)
                 )

@@ -19,6 +19,7 @@ from engine.request import SamplingParams
 from serving import openai_protocol as oai
 from serving.frontend import Frontend, TextDelta
 from serving.metrics import CONTENT_TYPE, RequestTimer
+from serving.multimodal import openai_chat_input
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -84,13 +85,20 @@ class OpenAIRoutes:
         try:
             req = oai.parse_body(oai.ChatCompletionRequest, await request.body())
             self.f.check_model(req.model)
-            ids = oai.chat_prompt(req, self.f.tokenizer)
+            ids, images = await self._chat_prompt(req)
             max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
             params = oai.sampling_params(req, len(ids), self.f.context_length, max_tokens)
-            return await self._respond(req, ids, params, timer, _ChatShape(oai.new_id("chatcmpl"), req.model))
+            shape = _ChatShape(oai.new_id("chatcmpl"), req.model)
+            return await self._respond(req, ids, params, timer, shape, images)
         except oai.APIError as e:
             timer.finish(e.status)
             return error_response(e)
+
+    async def _chat_prompt(self, req: oai.ChatCompletionRequest) -> tuple[list[int], list]:
+        """The prompt's ids and, when its messages have `image_url` parts, its images."""
+        if not any(m.has_images for m in req.messages):
+            return oai.chat_prompt(req, self.f.tokenizer), []
+        return await self.f.images.chat_prompt(openai_chat_input(req), self.f.tokenizer)
 
     async def _respond(
         self,
@@ -99,8 +107,9 @@ class OpenAIRoutes:
         params: SamplingParams,
         timer: RequestTimer,
         shape: _CompletionShape,
+        images: list | None = None,
     ) -> Response:
-        deltas = self.f.stream(ids, params, timer)
+        deltas = self.f.stream(ids, params, timer, images)
         first = await anext(deltas)  # an error here is still an ordinary HTTP error response
         if req.stream:
             events = _events(first, deltas, shape, req.include_usage, timer)

@@ -12,9 +12,9 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from engine.request import SamplingParams
 from model.tokenizer import CHAT_ROLES, Tokenizer
@@ -161,10 +161,49 @@ class TextPart(BaseModel):
         return v
 
 
+class ImageURL(BaseModel):
+    model_config = _STRICT
+    url: str = Field(min_length=1)  # data:image/...;base64,..., http(s)://..., or file://...
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; Llama 4 always tiles the same way
+
+
+class ImagePart(BaseModel):
+    model_config = _STRICT
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+# Tags of the unions below; they are left out of the `param` an error names
+_TAG = "union:"
+
+
+def _part_type(part: Any) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return f"{_TAG}{kind}" if isinstance(kind, str) else None
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag(f"{_TAG}text")] | Annotated[ImagePart, Tag(f"{_TAG}image_url")],
+    Discriminator(
+        _part_type,
+        custom_error_type="invalid_content_part",
+        custom_error_message="a content part's type must be 'text' or 'image_url'",
+    ),
+]
+
+
+def _content_kind(content: Any) -> str:
+    return f"{_TAG}parts" if isinstance(content, list) else f"{_TAG}text"
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: str
-    content: str | list[TextPart]
+    # a string, or a list of parts; told apart first, so an error names the part that is wrong
+    content: Annotated[
+        Annotated[str, Tag(f"{_TAG}text")] | Annotated[list[ContentPart], Tag(f"{_TAG}parts")],
+        Discriminator(_content_kind),
+    ]
     name: str | None = None
 
     @field_validator("role")
@@ -176,7 +215,13 @@ class ChatMessage(BaseModel):
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    @property
+    def has_images(self) -> bool:
+        return not isinstance(self.content, str) and any(isinstance(p, ImagePart) for p in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -212,7 +257,7 @@ def validate(model: type[M], data: dict[str, Any]) -> M:
 
 def _from_validation_error(e: ValidationError) -> APIError:
     first = e.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    param = ".".join(str(p) for p in first["loc"] if not str(p).startswith(_TAG)) or None
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         msg = "this field is required"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!serving/proto_gen/llama4_ep.proto\x12\tllama4_ep\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.llama4_ep.ChatMessage\"\xde\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12/\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x13.llama4_ep.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x0f.llama4_ep.ChatH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x7f\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.llama4_ep.Usage\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"@\n\x06\x46inish\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.llama4_ep.Usage\"\x82\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x15.llama4_ep.TokenDeltaH\x00\x12#\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x11.llama4_ep.FinishH\x00\x42\x07\n\x05\x65vent2\xa2\x01\n\x08Llama4EP\x12\x43\n\x08Generate\x12\x1a.llama4_ep.GenerateRequest\x1a\x1b.llama4_ep.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.llama4_ep.GenerateRequest\x1a!.llama4_ep.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!serving/proto_gen/llama4_ep.proto\x12\tllama4_ep\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"S\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12%\n\x05parts\x18\x03 \x03(\x0b\x32\x16.llama4_ep.ContentPart\"K\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x13\n\timage_url\x18\x03 \x01(\tH\x00\x42\x06\n\x04part\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.llama4_ep.ChatMessage\"\xde\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12/\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x13.llama4_ep.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x0f.llama4_ep.ChatH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x7f\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.llama4_ep.Usage\"-\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"@\n\x06\x46inish\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.llama4_ep.Usage\"\x82\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x15.llama4_ep.TokenDeltaH\x00\x12#\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x11.llama4_ep.FinishH\x00\x42\x07\n\x05\x65vent2\xa2\x01\n\x08Llama4EP\x12\x43\n\x08Generate\x12\x1a.llama4_ep.GenerateRequest\x1a\x1b.llama4_ep.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.llama4_ep.GenerateRequest\x1a!.llama4_ep.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=48
   _globals['_TOKENIDS']._serialized_end=71
   _globals['_CHATMESSAGE']._serialized_start=73
-  _globals['_CHATMESSAGE']._serialized_end=117
-  _globals['_CHAT']._serialized_start=119
-  _globals['_CHAT']._serialized_end=167
-  _globals['_GENERATEREQUEST']._serialized_start=170
-  _globals['_GENERATEREQUEST']._serialized_end=520
-  _globals['_USAGE']._serialized_start=522
-  _globals['_USAGE']._serialized_end=601
-  _globals['_GENERATERESPONSE']._serialized_start=603
-  _globals['_GENERATERESPONSE']._serialized_end=730
-  _globals['_TOKENDELTA']._serialized_start=732
-  _globals['_TOKENDELTA']._serialized_end=777
-  _globals['_FINISH']._serialized_start=779
-  _globals['_FINISH']._serialized_end=843
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=846
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=976
-  _globals['_LLAMA4EP']._serialized_start=979
-  _globals['_LLAMA4EP']._serialized_end=1141
+  _globals['_CHATMESSAGE']._serialized_end=156
+  _globals['_CONTENTPART']._serialized_start=158
+  _globals['_CONTENTPART']._serialized_end=233
+  _globals['_CHAT']._serialized_start=235
+  _globals['_CHAT']._serialized_end=283
+  _globals['_GENERATEREQUEST']._serialized_start=286
+  _globals['_GENERATEREQUEST']._serialized_end=636
+  _globals['_USAGE']._serialized_start=638
+  _globals['_USAGE']._serialized_end=717
+  _globals['_GENERATERESPONSE']._serialized_start=719
+  _globals['_GENERATERESPONSE']._serialized_end=846
+  _globals['_TOKENDELTA']._serialized_start=848
+  _globals['_TOKENDELTA']._serialized_end=893
+  _globals['_FINISH']._serialized_start=895
+  _globals['_FINISH']._serialized_end=959
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=962
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1092
+  _globals['_LLAMA4EP']._serialized_start=1095
+  _globals['_LLAMA4EP']._serialized_end=1257
 # @@protoc_insertion_point(module_scope)

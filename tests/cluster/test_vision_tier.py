@@ -48,6 +48,7 @@ def run(engine, start: list, late: tuple) -> list[list[int]]:
     return [tokens[i] for i in ids]
 
 
+@pytest.mark.slow
 def test_vision_workers_encode_for_every_attention_rank(ray_session, tiny_maverick, requests, expected):
     cluster = ClusterConfig(2, 1, num_vision_workers=1)
     with ClusterEngine(tiny_maverick, cluster, ENGINE) as engine:
