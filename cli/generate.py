@@ -25,6 +25,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         expert_skew=args.expert_skew,
         skew_seed=args.skew_seed,
+        vision=not args.no_vision,
     )
     files = sorted(p.name for p in Path(out).iterdir())
     print(f"wrote {args.preset} (seed {args.seed}) to {out}: {', '.join(files)}")

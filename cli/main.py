@@ -116,6 +116,7 @@ def _add_make_checkpoint(sub: argparse._SubParsersAction) -> None:
         help="Zipf exponent of expert popularity (0: random routers); see model/skew.py",
     )
     p.add_argument("--skew-seed", type=int, default=0, help="which experts are hot, per layer")
+    p.add_argument("--no-vision", action="store_true", help="text only: no vision tower")
     p.set_defaults(func=_make_checkpoint)
 
 

@@ -172,7 +172,8 @@ class ServeAppConfig(BaseModel):
         """One engine replica's workers, in words (what `serve` and `experiment` print)."""
         if self.expert_workers == 0:
             return "single-process engine"
-        vision = f" + {self.vision_workers} vision workers" if self.vision_workers else ""
+        n = self.vision_workers
+        vision = f" + {n} vision worker{'s' if n > 1 else ''}" if n else ""
         return (
             f"{self.attention_workers} attention + {self.expert_workers} expert workers{vision}, "
             f"{self.redundant_slots} redundant slots per worker, "

@@ -91,3 +91,25 @@ def test_bench_kv_accounts_the_layer_mix(capsys):
     assert figures["ratio_to_full"] == {"64": 1.0, "256": 0.625}
     assert set(figures["worst_excess_in_half_to_n_per_block_size"]) == {"16", "32"}
     assert len(figures["results"]) == 2 * 2 * 2  # block sizes x scenarios x sizes
+
+
+def test_bench_vision_in_process(capsys, tiny_maverick):
+    figures = bench_json(
+        capsys,
+        "vision",
+        "--model",
+        str(tiny_maverick),
+        "--vision-workers",
+        "0",
+        "--expert-workers",
+        "0",
+        "--images",
+        "2",
+        "--image-size",
+        "200x200",
+        "--reps",
+        "1",
+    )
+    assert figures["tiles_per_image"] == 1 and figures["images_per_call"] == 2
+    assert figures["images_per_second"] > 0 and figures["ttft_image_ms"] > 0 and figures["ttft_text_ms"] > 0
+    assert figures["prompt_tokens"] > 144  # the image's 144 <|patch|> tokens and the text

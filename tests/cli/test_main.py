@@ -32,7 +32,11 @@ def test_make_checkpoint_sharded(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert all(name.startswith("language_model.") for name in index["weight_map"])
+    names = index["weight_map"]
+    assert all(
+        name.startswith(("language_model.", "vision_model.", "multi_modal_projector.")) for name in names
+    )
+    assert "vision_model.patch_embedding.linear.weight" in names  # the presets have a vision tower
     assert len(set(index["weight_map"].values())) > 1
 
 
