@@ -275,9 +275,12 @@ class ClusterEngine:
                 raise RuntimeError("an expert worker left its step loop; the cluster cannot step")
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        images: Sequence[Sequence[ProcessedImage]] | None = None,
     ) -> list[Completion]:
-        return generate(self, prompts, params)
+        return generate(self, prompts, params, images)
 
     def load_routers(self, model_dir: str | Path) -> None:
         """Every attention rank swaps in another checkpoint's router weights between two steps
@@ -329,6 +332,7 @@ def generate_on_cluster(
     engine_cfg: EngineConfig,
     cluster: ClusterConfig,
     address: str | None,
+    images: Sequence[Sequence[ProcessedImage]] | None = None,
 ) -> list[Completion]:
     with ClusterEngine(model_dir, cluster, engine_cfg, address) as engine:
-        return engine.generate(prompts, params)
+        return engine.generate(prompts, params, images)

@@ -88,7 +88,10 @@ class LLMEngine:
         self.core = None
 
     def generate(
-        self, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+        self,
+        prompts: Iterable[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        images: Sequence[Sequence[ProcessedImage]] | None = None,
     ) -> list[Completion]:
         """Run a batch of prompts to completion; results in prompt order."""
-        return generate(self, prompts, params)
+        return generate(self, prompts, params, images)
