@@ -11,6 +11,7 @@ from engine.multimodal import RequestImages
 from model.checkpoint import CheckpointError, CheckpointReader
 from model.image_processing import ImageProcessor
 from model.synthetic import make_checkpoint
+from model.vision_config import VisionConfig
 from tests.attention.test_decoder import BLOCK, Contiguous, decoder_for, new_pool
 from tests.helpers import (
     checked_rows,
@@ -68,8 +69,6 @@ def test_pixel_shuffle_gathers_two_by_two_blocks():
 
 
 def test_rope_turns_columns_then_rows_and_leaves_the_class_token():
-    from model.vision_config import VisionConfig
-
     cfg = VisionConfig(32, 1, 2, 128, 64, 64, 64, 64)
     rot = vision_rotation(cfg)
     assert rot.shape == (577, 8)
