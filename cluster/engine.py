@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,12 +133,13 @@ class ClusterEngine:
         self.rebalancer = Rebalancer(self.placement, c.rebalance, self.experts)
         self._start_vision(options, m + c.num_expert_workers)
 
-    def _start_vision(self, options, first_bundle: int) -> None:
-        """The vision-encoder tier, in the bundles after the expert workers'."""
+    def _start_vision(self, options: Callable[[int], dict], first_bundle: int) -> None:
+        """The vision-encoder tier, in the bundles after the expert workers'. A vision worker holds
+        no request state, so Ray restarts one that dies and retries its calls."""
         n = self.cluster.num_vision_workers
         if n == 0:
             return
-        vision_cls = ray.remote(VisionWorker)
+        vision_cls = ray.remote(max_restarts=3, max_task_retries=2)(VisionWorker)
         workers = [
             vision_cls.options(**options(first_bundle + v)).remote(
                 self.model_dir, v, self.engine_cfg.dtype, self.cluster.device
