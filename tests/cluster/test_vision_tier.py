@@ -5,6 +5,7 @@ against transformers in tests/engine/test_multimodal.py)."""
 from __future__ import annotations
 
 import pytest
+import ray
 
 from cluster.config import ClusterConfig
 from cluster.engine import ClusterEngine
@@ -59,8 +60,11 @@ def test_vision_workers_encode_for_every_attention_rank(ray_session, tiny_maveri
         engine.abort(rid)
         assert not engine.has_unfinished
         (vision,) = engine.stats()["vision"]
-    assert vision["images_encoded"] == 4  # the aborted one may or may not have been sent: it was not
-    assert vision["calls"] == 2  # the first three requests' images in one call, the late one in another
+        assert vision["images_encoded"] == 4  # the aborted request's images were never sent
+        assert vision["calls"] == 2  # the first three requests' images in one call, the late one in another
+        # a vision worker that dies is restarted; the next image request is served as before
+        ray.kill(engine.vision.workers[0], no_restart=False)
+        assert run(engine, [requests[0][0]], requests[1]) == [expected[0], expected[3]]
     assert engine.vision is None  # closed
 
 
