@@ -191,7 +191,9 @@ class EngineCore:
             raise ValueError(f"request {request.request_id!r}: image features must be a tensor")
         embed = self.decoder.weights.embed
         features = features.to(embed.device, embed.dtype)
-        return RequestImages.place(request.prompt_token_ids, features, self.image_token_id)
+        placed = RequestImages.place(request.prompt_token_ids, features, self.image_token_id)
+        request.images, request.image_features = (), features  # the pixels are not needed again
+        return placed
 
     def _image_rows(self, request_id: str, start: int, num_tokens: int) -> ImageRows | None:
         images = self._images.get(request_id)
