@@ -119,7 +119,8 @@ class VisionTier:
 
     def ready(self) -> list[tuple[Request, int]]:
         """(request, dp_rank) for the requests whose features exist, the pixels replaced by the
-        ref; a failed encoding reaches the attention worker as the ref's error and is rejected."""
+        ref in the driver's own Request (whoever keeps it, to re-admit it elsewhere, keeps the
+        ref); a failed encoding reaches the attention worker as the ref's error and is rejected."""
         sent = {e.ref: rid for rid, e in self._encoding.items() if e.ref is not None}
         if not sent:
             return []
@@ -128,7 +129,8 @@ class VisionTier:
         for ref in done:
             e = self._encoding.pop(sent[ref])
             self.features[e.request.request_id] = ref
-            out.append((replace(e.request, images=(), image_features=ref), e.dp_rank))
+            e.request.images, e.request.image_features = (), ref
+            out.append((e.request, e.dp_rank))
         return out
 
     def wait(self, timeout_s: float) -> None:
