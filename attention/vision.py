@@ -29,7 +29,7 @@ from model.checkpoint import CheckpointError, CheckpointReader
 from model.image_processing import ProcessedImage
 from model.vision_config import VisionConfig
 
-MAX_TILES_PER_BATCH = 64  # bounds the activations of one forward (17 tiles is one image at most)
+MAX_TILES_PER_BATCH = 32  # bounds one forward's activations (attention: heads x 577^2 floats a tile)
 
 
 @dataclass(frozen=True)
