@@ -35,6 +35,7 @@ from cluster.placement_groups import bundles_in, reserve
 from cluster.rebalancer import Rebalancer
 from cluster.recovery import ClusterUnavailable, FaultStats, Recovery, StepOutcome, await_step
 from cluster.resize import Bundle, Resizer
+from cluster.vision_worker import VisionTier, VisionWorker
 from engine.autoscale import AutoscalerConfig, Decision, TierWindow, decide
 from engine.autoscale import State as AutoscaleState
 from engine.core import EngineConfig, RequestOutput, check_fits
@@ -42,6 +43,7 @@ from engine.data_parallel import RequestBook
 from engine.protocol import Completion, generate
 from engine.request import FinishReason, SamplingParams
 from model.config import ModelConfig
+from model.image_processing import ProcessedImage
 from router.nodes import spread_over_nodes
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class ClusterEngine:
         self.rebalancer: Rebalancer | None = None
         self.faults = FaultStats()
         self.board: HeaderBoard | None = None
+        self.vision: VisionTier | None = None  # None: attention workers encode their own images
         self.autoscaler = AutoscalerConfig()  # off until `configure` turns it on
         self._tier_window = TierWindow()
         self._autoscale_state = AutoscaleState()
@@ -118,7 +121,13 @@ class ClusterEngine:
         attn_cls, expert_cls = ray.remote(AttentionWorker), ray.remote(ExpertWorker)
         self.attention = [
             attn_cls.options(**placed[r].options()).remote(
-                self.model_dir, r, self.layout, self.placement, self.engine_cfg, c.device
+                self.model_dir,
+                r,
+                self.layout,
+                self.placement,
+                self.engine_cfg,
+                c.device,
+                load_vision=c.num_vision_workers == 0,
             )
             for r in range(m)
         ]
@@ -136,6 +145,22 @@ class ClusterEngine:
         self.recovery = Recovery(self)
         self.recovery.join(self.board.new_epoch())
         self.rebalancer = Rebalancer(self.placement, c.rebalance, self.experts, self.expert_nodes)
+        self._start_vision(placed[m + c.num_expert_workers :])
+
+    def _start_vision(self, bundles: list[Bundle]) -> None:
+        """The vision-encoder tier, in the bundles after the expert workers'. A vision worker holds
+        no request state, so Ray restarts one that dies and retries its calls."""
+        if not bundles:
+            return
+        vision_cls = ray.remote(max_restarts=3, max_task_retries=2)(VisionWorker)
+        workers = [
+            vision_cls.options(**b.options()).remote(
+                self.model_dir, v, self.engine_cfg.dtype, self.cluster.device
+            )
+            for v, b in enumerate(bundles)
+        ]
+        ray.get([w.stats.remote() for w in workers])  # loaded (a checkpoint without a tower fails here)
+        self.vision = VisionTier(workers)
 
     def track(self, workers: list) -> list[ray.ObjectRef]:
         """Learn where workers run (refs that complete once each worker is constructed): a hung
@@ -165,22 +190,32 @@ class ClusterEngine:
     # -- requests -------------------------------------------------------------------------
 
     def add(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        images: Sequence[ProcessedImage] = (),
     ) -> str:
         """Queue a request; one that can never run (too long for the context or for one attention
-        worker's KV cache) raises ValueError with the numbers."""
+        worker's KV cache) raises ValueError with the numbers. `images`: encoded by the vision
+        tier (its request reaches its rank once they are), or by its attention rank without one."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.book:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: prompt must hold at least one token")
         check_fits(self.model_cfg, self.engine_cfg, len(prompt_token_ids), params.max_tokens)
-        self.book.add(request_id, prompt_token_ids, params)
+        hold = bool(images) and self.vision is not None
+        rank = self.book.add(request_id, prompt_token_ids, params, images, hold=hold)
+        if hold:
+            self.vision.add(self.book.request(request_id), rank)
         return request_id
 
     def abort(self, request_id: str) -> None:
         """Forget the request now; its rank frees its blocks at the next step."""
         self.book.abort(request_id)
+        if self.vision is not None:
+            self.vision.discard(request_id)
 
     @property
     def has_unfinished(self) -> bool:
@@ -206,6 +241,8 @@ class ClusterEngine:
             self.resizer.poll(timeout_s=0.0 if self.book.has_work else 0.05)
         if not self.book.has_work:
             return []
+        if self.vision is not None and not self._take_encoded():
+            return []
         outputs: list[RequestOutput] = []
         for attempt in range(self.cluster.faults.max_recoveries_per_step + 1):
             outcome = self._step_once()
@@ -218,6 +255,17 @@ class ClusterEngine:
         raise ClusterUnavailable(
             f"a step failed {self.cluster.faults.max_recoveries_per_step + 1} times in a row; giving up"
         )
+
+    def _take_encoded(self) -> bool:
+        """Send new images to the vision tier and release the requests whose features are ready;
+        False when nothing but encodings is in flight (then it waits a moment for one)."""
+        self.vision.submit()
+        for request, _ in self.vision.ready():
+            self.book.release(request.request_id, request.image_features)
+        if len(self.book) == self.book.num_held and not self.book.has_aborts:
+            self.vision.wait(timeout_s=0.05)
+            return False
+        return True
 
     def _step_once(self) -> StepOutcome:
         step_id = next(self._step_ids)
@@ -293,6 +341,10 @@ class ClusterEngine:
                     outputs.append(RequestOutput(request_id, (), True, FinishReason.ABORT, 0, 0))
                     log.warning("request %s rejected: %s", request_id, reason)
             outputs += self.book.record(result.outputs)
+        if self.vision is not None:
+            for out in outputs:
+                if out.finished:
+                    self.vision.forget(out.request_id)
         return outputs
 
     def metrics(self) -> dict[str, Any]:
@@ -316,9 +368,12 @@ class ClusterEngine:
         return figures
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        images: Sequence[Sequence[ProcessedImage]] | None = None,
     ) -> list[Completion]:
-        return generate(self, prompts, params)
+        return generate(self, prompts, params, images)
 
     def load_routers(self, model_dir: str | Path) -> None:
         """Every attention rank swaps in another checkpoint's router weights between two steps
@@ -331,6 +386,7 @@ class ClusterEngine:
         return {
             "attention": ray.get([w.stats.remote() for w in self.attention]),
             "experts": ray.get([w.stats.remote() for w in self.experts]),
+            "vision": self.vision.stats() if self.vision is not None else [],
         }
 
     def kill(self, worker) -> None:
@@ -355,8 +411,9 @@ class ClusterEngine:
         except Exception as e:  # a dead worker must not keep the rest alive
             log.warning("clean stop failed (%s); killing the workers", e)
         self.loops = []
-        for actor in self.attention + self.experts:
+        for actor in self.attention + self.experts + (self.vision.workers if self.vision else []):
             ray.kill(actor)
+        self.vision = None
         if getattr(self, "resizer", None) is not None:
             self.resizer.release_all()
         if self.rebalancer is not None:
@@ -383,6 +440,7 @@ def generate_on_cluster(
     engine_cfg: EngineConfig,
     cluster: ClusterConfig,
     address: str | None,
+    images: Sequence[Sequence[ProcessedImage]] | None = None,
 ) -> list[Completion]:
     with ClusterEngine(model_dir, cluster, engine_cfg, address) as engine:
-        return engine.generate(prompts, params)
+        return engine.generate(prompts, params, images)

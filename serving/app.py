@@ -30,6 +30,7 @@ from serving.engine_server import EngineServer, EngineSpec
 from serving.frontend import Frontend, IngressSpec
 from serving.grpc_service import GrpcService
 from serving.http_routes import OpenAIRoutes
+from serving.media import MediaConfig
 from serving.tiers import TierControl
 
 REPLICA_CPUS = 0.01  # the engine replica only drives its workers (disaggregated layout)
@@ -103,6 +104,28 @@ class RebalanceArgs(BaseModel):
         return RebalanceConfig(**self.model_dump())
 
 
+class MediaArgs(BaseModel):
+    """Where a request's images may come from, how many and how large (see `serving.media`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_images_per_prompt: int = Field(8, ge=1)
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="encoded size of one image")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width x height of one image")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="fetching one http(s) image URL")
+    allow_http: bool = Field(True, description="fetch http(s) image URLs (data: URLs are always taken)")
+    allowed_media_domains: list[str] | None = Field(
+        None, description="hosts images are fetched from; None: any"
+    )
+    allowed_local_media_path: str | None = Field(
+        None, description="file:// image URLs below this folder only; None: no local files"
+    )
+
+    def to_config(self) -> MediaConfig:
+        fields = self.model_dump()
+        domains = fields.pop("allowed_media_domains")
+        return MediaConfig(**fields, allowed_media_domains=None if domains is None else tuple(domains))
+
+
 class ServeAppConfig(BaseModel):
     """The application's arguments (the `args:` block of serve_config.yaml)."""
 
@@ -112,6 +135,10 @@ class ServeAppConfig(BaseModel):
     attention_workers: int = Field(1, ge=1)
     expert_workers: int = Field(2, ge=0, description="0: the single-process (colocated) engine")
     redundant_slots: int = Field(0, ge=0, description="expert slots per worker beyond experts / workers")
+    vision_workers: int = Field(
+        0, ge=0, description="vision-encoder actors per engine replica; 0: the attention workers encode"
+    )
+    media: MediaArgs = Field(default_factory=MediaArgs)
     rebalance: RebalanceArgs = Field(default_factory=RebalanceArgs)
     device: Literal["cpu", "cuda"] = "cpu"
     cpus_per_worker: float | None = Field(None, gt=0, description="None: share the cluster's CPUs")
@@ -147,7 +174,13 @@ class ServeAppConfig(BaseModel):
         t = self.tiers
         if self.expert_workers == 0 and (t.attention_workers or t.expert_workers or t.autoscaler.enabled):
             raise ValueError("tiers need the cluster engine (expert_workers >= 1)")
+        if self.expert_workers == 0 and self.vision_workers:
+            raise ValueError(
+                "vision_workers need the disaggregated engine (expert_workers >= 1); "
+                "the single-process engine encodes images in-process"
+            )
         self.engine.to_config()  # EngineConfig's own checks (dtype, ...)
+        self.media.to_config()
         self.cluster_config()
         return self
 
@@ -155,8 +188,10 @@ class ServeAppConfig(BaseModel):
         """One engine replica's workers, in words (what `serve` and `experiment` print)."""
         if self.expert_workers == 0:
             return "single-process engine"
+        n = self.vision_workers
+        vision = f" + {n} vision worker{'s' if n > 1 else ''}" if n else ""
         return (
-            f"{self.attention_workers} attention + {self.expert_workers} expert workers, "
+            f"{self.attention_workers} attention + {self.expert_workers} expert workers{vision}, "
             f"{self.redundant_slots} redundant slots per worker, "
             f"rebalancing {'on' if self.rebalance.enabled else 'off'}"
         )
@@ -183,6 +218,7 @@ class ServeAppConfig(BaseModel):
             device=self.device,
             cpus_per_worker=self.cpus_per_worker,
             rebalance=self.rebalance.to_config(),
+            num_vision_workers=self.vision_workers,
         )
 
 
@@ -266,7 +302,14 @@ def build_app(config: ServeAppConfig) -> Application:
     name = config.model_copy(update={"model": model_dir}).model_name
     ingress = IngressDeployment.options(max_ongoing_requests=config.ingress_max_ongoing_requests)
     api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
-    spec = IngressSpec(model_dir, name, api_key, config.strict_requests, tuple(config.allowed_origins))
+    spec = IngressSpec(
+        model_dir,
+        name,
+        api_key,
+        config.strict_requests,
+        tuple(config.allowed_origins),
+        config.media.to_config(),
+    )
     return ingress.bind(engine, spec)
 
 

@@ -27,6 +27,7 @@ from engine.core import EngineConfig, RequestOutput
 from engine.llm_engine import LLMEngine
 from engine.protocol import Engine
 from engine.request import SamplingParams
+from model.image_processing import ProcessedImage
 from serving.tiers import TierControl
 
 log = logging.getLogger(__name__)
@@ -116,13 +117,18 @@ class EngineServer:
                 log.warning("tier autoscaler: %s", e)
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        images: list[ProcessedImage] | None = None,
     ) -> AsyncIterator[RequestOutput | EngineFailure]:
         """Outputs as the engine produces them. A consumer that goes away (the client
-        disconnected, the call was cancelled) aborts the request and frees its KV blocks."""
+        disconnected, the call was cancelled) aborts the request and frees its KV blocks.
+        `images`: the prompt's images, already expanded in it."""
         # closing this generator must close the engine's at once (that is what aborts the request),
         # not whenever the garbage collector gets to it
-        outputs = self.engine.generate(prompt_token_ids, params, request_id)
+        outputs = self.engine.generate(prompt_token_ids, params, request_id, images=images or ())
         try:
             async with aclosing(outputs):
                 async for out in outputs:
@@ -195,6 +201,12 @@ class EngineServer:
         return [
             s.get("rows_computed_total", sum(s["rows_computed_per_layer"].values())) for s in stats["experts"]
         ]
+
+    async def vision_stats(self) -> list[dict[str, Any]]:
+        """Per vision worker: calls, images and tiles encoded, seconds encoding (empty without a
+        vision tier: the engine encodes in its attention workers or in-process)."""
+        stats = await asyncio.to_thread(self.engine.engine.stats)
+        return list(stats.get("vision", []))
 
     def close(self) -> None:
         """Stop the step loop and release the engine's workers."""
