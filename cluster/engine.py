@@ -140,7 +140,9 @@ class ClusterEngine:
         workers = self.attention + self.experts
         self._where = {}
         ray.get(self.track(workers))
-        self.resizer = Resizer(self, {self.key(w): b for w, b in zip(workers, placed, strict=True)})
+        self.resizer = Resizer(
+            self, {self.key(w): b for w, b in zip(workers, placed[: len(workers)], strict=True)}
+        )
         self.board = HeaderBoard(ray.util.get_node_ip_address())
         self.recovery = Recovery(self)
         self.recovery.join(self.board.new_epoch())
