@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -26,10 +25,8 @@ from engine.llm_engine import LLMEngine
 from engine.request import SamplingParams
 from model.image_processing import ImageProcessor
 from model.tokenizer import Tokenizer
-from serving import APP_NAME
 from serving.app import ServeAppConfig, build_app
 from serving.client import GRPCClient, ServerError, data_url
-from serving.grpc_service import SERVICER_FUNCTION
 from serving.proto_gen import llama4_ep_pb2 as pb
 from serving.proto_gen import llama4_ep_pb2_grpc
 
@@ -41,12 +38,6 @@ IGNORE_EOS = {"ignore_eos": True}
 MAX_PIXELS = 1_000_000
 MAX_BYTES = 1_000_000
 FETCH_TIMEOUT_S = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(height: int, width: int, seed: int | None = 0) -> bytes:
@@ -92,25 +83,24 @@ class Server:
     media_dir: Path
 
 
+APP = "images"
+
+
 @pytest.fixture(scope="module")
-def server(ray_session, tiny_maverick, tmp_path_factory):
+def server(server, tiny_maverick, tmp_path_factory):
+    """The images application beside the session's on the one Serve instance, at /images."""
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
     media_dir = tmp_path_factory.mktemp("media")
     (media_dir / "cat.png").write_bytes(png(64, 80, seed=3))
     images = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
     threading.Thread(target=images.serve_forever, daemon=True).start()
-    http_port, grpc_port = free_port(), free_port()
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": http_port},
-        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
-    )
     config = ServeAppConfig(
         model=str(tiny_maverick),
         expert_workers=1,
         vision_workers=1,
         engine=ENGINE,
+        cpus_per_worker=0.1,
         media={
             "max_image_pixels": MAX_PIXELS,
             "max_image_bytes": MAX_BYTES,
@@ -120,10 +110,10 @@ def server(ray_session, tiny_maverick, tmp_path_factory):
         },
     )
     try:
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
         yield Server(
-            f"http://127.0.0.1:{http_port}",
-            f"127.0.0.1:{grpc_port}",
+            f"{server.http}/{APP}",
+            server.grpc,
             tiny_maverick.name,
             f"http://127.0.0.1:{images.server_address[1]}",
             media_dir,
@@ -131,7 +121,7 @@ def server(ray_session, tiny_maverick, tmp_path_factory):
     finally:
         _Images.release.set()
         images.shutdown()
-        serve.shutdown()
+        serve.delete(APP)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +236,7 @@ def test_images_outside_user_messages_are_refused(server, client):
 
 def test_grpc_image_bytes_equal_http_and_bad_bytes_are_invalid_argument(server, client, reference):
     image = png(336, 336, seed=4)
-    with GRPCClient(server.grpc) as c:
+    with GRPCClient(server.grpc, application=APP) as c:
         reply = c.generate(chat="What is this?", images=[image], max_tokens=MAX_TOKENS, ignore_eos=True)
         assert reply.text == reference([image], "What is this?")
         with pytest.raises(ServerError) as info:
@@ -257,7 +247,7 @@ def test_grpc_image_bytes_equal_http_and_bad_bytes_are_invalid_argument(server, 
             chat=pb.Chat(messages=[pb.ChatMessage(role="user", parts=[pb.ContentPart()])])
         )
         with pytest.raises(grpc.RpcError) as rpc:
-            stub.Generate(empty_part, metadata=(("application", APP_NAME),))
+            stub.Generate(empty_part, metadata=(("application", APP),))
         assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert c.generate(chat="still serving", images=[image], max_tokens=1).usage["completion_tokens"] == 1
 
@@ -265,7 +255,7 @@ def test_grpc_image_bytes_equal_http_and_bad_bytes_are_invalid_argument(server, 
 def test_vision_worker_encoded_the_images(server):
     from ray import serve
 
-    handle = serve.get_deployment_handle("EngineServer", APP_NAME)
+    handle = serve.get_deployment_handle("EngineServer", APP)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         stats = handle.vision_stats.remote().result()
