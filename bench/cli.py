@@ -19,6 +19,12 @@ def _decode(args: argparse.Namespace) -> int:
     return cmd_decode(args)
 
 
+def _overhead(args: argparse.Namespace) -> int:
+    from bench.overhead import cmd_overhead  # lazy: start-up time of the CLI
+
+    return cmd_overhead(args)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from bench.dispatch import cmd_dispatch  # lazy: start-up time of the CLI
 
@@ -35,6 +41,8 @@ def _faults(args: argparse.Namespace) -> int:
     from bench.faults import cmd_faults  # lazy: start-up time of the CLI
 
     return cmd_faults(args)
+
+
 def _vision(args: argparse.Namespace) -> int:
     from bench.vision import cmd_vision  # lazy: start-up time of the CLI
 
@@ -69,13 +77,28 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     d.add_argument("--attention-workers", type=int, default=1, help="cluster column: attention workers")
     d.add_argument("--expert-workers", type=int, default=4, help="cluster column: expert workers (0: skip)")
+    d.add_argument("--no-peers", action="store_true", help="skip the llama.cpp and vLLM CPU columns")
+    d.add_argument("--peer-dir", help="where the peers were built (default ~/.cache/llama4-ep-peers)")
+    d.add_argument("--peer-scripts", help="the peers' scripts (default ../shared/peers beside the repo)")
     d.set_defaults(func=_decode)
+    _add_overhead_parser(bench)
     _add_dispatch_parser(bench)
     _add_kv_parser(bench)
     add_bench_serve_parser(bench)
     _add_replication_parser(bench)
     _add_faults_parser(bench)
     _add_vision_parser(bench)
+
+
+def _add_overhead_parser(bench: argparse._SubParsersAction) -> None:
+    o = bench.add_parser("overhead", help="decode step time outside the model's math, per batch size")
+    o.add_argument("--model", help="checkpoint (default: the bench-maverick preset, made once)")
+    o.add_argument("--batch", type=_int_list, default=(1, 32), help="batch sizes: 1,32")
+    o.add_argument("--new-tokens", type=int, default=32)
+    o.add_argument("--prompt-len", type=int, default=16)
+    o.add_argument("--reps", type=int, default=2, help="runs per batch; the fastest counts")
+    o.add_argument("--expert-workers", type=int, default=2, help="cluster row: expert workers (0: skip)")
+    o.set_defaults(func=_overhead)
 
 
 def _add_vision_parser(bench: argparse._SubParsersAction) -> None:

@@ -1,4 +1,5 @@
-"""`llama4-ep bench decode`: decode tokens/s of this engine against transformers on one checkpoint."""
+"""`llama4-ep bench decode`: decode tokens/s of this engine against transformers, and against
+llama.cpp and vLLM CPU where they are set up (`bench.peers`), on one checkpoint."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from bench.peers import PeerRate, PeerSetup, peer_rates
 from cluster.config import ClusterConfig
 from cluster.engine import ClusterEngine
 from engine.core import EngineConfig
@@ -101,23 +103,59 @@ def cmd_decode(args: argparse.Namespace) -> int:
         if not args.no_transformers:
             runners[HF_ROW] = _transformers_runner(model, prompts)
         rows = _decode_rates(runners, args.batch, args.new_tokens, args.reps)
+    peers = [] if args.no_peers else _peers(args, model)
     print(
         f"decode, batch {args.batch}, {args.new_tokens} new tokens, prompt {args.prompt_len}, "
         f"fastest of {args.reps}, model {model}"
     )
-    print(f"{'engine':<48} {'decode tok/s':>14} {'total s':>9}")
+    print(f"{'engine':<48} {'decode tok/s':>14} {'prefill tok/s':>14} {'total s':>9}")
     for name, r in rows.items():
-        print(f"{name:<48} {r['decode_tok_s']:>14.1f} {r['total_s']:>9.2f}")
-    print(json.dumps(_decode_figures(args, rows)))
+        prefill = args.batch * args.prompt_len / r["prefill_s"]
+        print(f"{name:<48} {r['decode_tok_s']:>14.1f} {prefill:>14.1f} {r['total_s']:>9.2f}")
+    for peer in peers:
+        if peer.skipped:
+            print(f"{peer.name:<48} skipped: {peer.skipped}")
+        else:
+            prefill = "-" if peer.prefill_tok_s is None else f"{peer.prefill_tok_s:.1f}"
+            print(f"{peer.name:<48} {peer.decode_tok_s:>14.1f} {prefill:>14} {'-':>9}")
+    print(json.dumps(_decode_figures(args, rows, peers)))
     return 0
 
 
-def _decode_figures(args: argparse.Namespace, rows: dict[str, dict[str, float]]) -> dict:
+def _peers(args: argparse.Namespace, model: Path) -> list[PeerRate]:
+    return peer_rates(_peer_setup(args), model, args.batch, args.prompt_len, args.new_tokens)
+
+
+def _peer_setup(args: argparse.Namespace) -> PeerSetup:
+    setup = PeerSetup()
+    return PeerSetup(
+        Path(args.peer_scripts) if args.peer_scripts else setup.scripts,
+        Path(args.peer_dir) if args.peer_dir else setup.root,
+        threads=torch.get_num_threads(),
+    )
+
+
+def _decode_figures(
+    args: argparse.Namespace, rows: dict[str, dict[str, float]], peers: list[PeerRate] = ()
+) -> dict:
+    """The JSON line: this engine's rates, the cluster's and transformers' when run, and per peer
+    set up its rates and `vs_<peer>` (this engine's decode tok/s over the peer's)."""
+    engine = rows[ENGINE_ROW]
     figures = {
         "batch": args.batch,
         "new_tokens": args.new_tokens,
-        "engine_decode_tok_s": round(rows[ENGINE_ROW]["decode_tok_s"], 2),
+        "prompt_len": args.prompt_len,
+        "engine_decode_tok_s": round(engine["decode_tok_s"], 2),
+        "engine_prefill_tok_s": round(args.batch * args.prompt_len / engine["prefill_s"], 2),
     }
+    for peer in peers:
+        key = peer.name.replace(".", "_").replace("-", "_")  # llama_cpp, vllm_cpu
+        if peer.decode_tok_s:
+            figures[f"{key}_decode_tok_s"] = peer.decode_tok_s
+            figures[f"vs_{key}"] = round(figures["engine_decode_tok_s"] / peer.decode_tok_s, 3)
+        if peer.prefill_tok_s:
+            figures[f"{key}_prefill_tok_s"] = peer.prefill_tok_s
+            figures[f"prefill_vs_{key}"] = round(figures["engine_prefill_tok_s"] / peer.prefill_tok_s, 3)
     for name, r in rows.items():
         if name.startswith("llama4-ep cluster"):
             figures["cluster_decode_tok_s"] = round(r["decode_tok_s"], 2)

@@ -33,6 +33,7 @@ def test_bench_decode_cluster_engine_and_transformers(capsys, ray_session, tiny_
         "1",
         "--reps",
         "1",
+        "--no-peers",
     )
     for key in ("engine_decode_tok_s", "cluster_decode_tok_s", "transformers_decode_tok_s"):
         assert figures[key] > 0
@@ -102,6 +103,8 @@ def test_bench_faults_kills_a_worker_and_loses_nothing(capsys, ray_session, tiny
     assert row["kind"] == "attention-kill" and row["in_flight"] == 3
     assert figures["failed_requests"] == 0 and figures["tokens_equal"] is True
     assert figures["max_stall_s"] == row["stall_max_s"] > 0
+
+
 def test_bench_vision_in_process(capsys, tiny_maverick):
     figures = bench_json(
         capsys,
@@ -122,3 +125,25 @@ def test_bench_vision_in_process(capsys, tiny_maverick):
     assert figures["tiles_per_image"] == 1 and figures["images_per_call"] == 2
     assert figures["images_per_second"] > 0 and figures["ttft_image_ms"] > 0 and figures["ttft_text_ms"] > 0
     assert figures["prompt_tokens"] > 144  # the image's 144 <|patch|> tokens and the text
+
+
+def test_bench_overhead_single_process(capsys, tiny_maverick):
+    figures = bench_json(
+        capsys,
+        "overhead",
+        "--model",
+        str(tiny_maverick),
+        "--batch",
+        "1,2",
+        "--new-tokens",
+        "3",
+        "--prompt-len",
+        "4",
+        "--reps",
+        "1",
+        "--expert-workers",
+        "0",
+    )
+    for batch in (1, 2):
+        step, overhead = figures[f"engine_step_ms_b{batch}"], figures[f"engine_overhead_ms_b{batch}"]
+        assert 0 < overhead < step  # the math is timed inside the step
