@@ -35,6 +35,8 @@ def _faults(args: argparse.Namespace) -> int:
     from bench.faults import cmd_faults  # lazy: start-up time of the CLI
 
     return cmd_faults(args)
+
+
 def _vision(args: argparse.Namespace) -> int:
     from bench.vision import cmd_vision  # lazy: start-up time of the CLI
 

@@ -221,7 +221,9 @@ class TierAutoscaler:
         self.history: list[Tick] = []
         self._history_len = history
 
-    def tick(self, time_s: float, num_attention: int, num_expert: int, resizing: bool = False) -> Decision | None:
+    def tick(
+        self, time_s: float, num_attention: int, num_expert: int, resizing: bool = False
+    ) -> Decision | None:
         """The interval since the last tick; the new sizes when they change, else None."""
         m = self.window.take(time_s, num_attention, num_expert)
         decision = None

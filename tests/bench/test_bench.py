@@ -102,6 +102,8 @@ def test_bench_faults_kills_a_worker_and_loses_nothing(capsys, ray_session, tiny
     assert row["kind"] == "attention-kill" and row["in_flight"] == 3
     assert figures["failed_requests"] == 0 and figures["tokens_equal"] is True
     assert figures["max_stall_s"] == row["stall_max_s"] > 0
+
+
 def test_bench_vision_in_process(capsys, tiny_maverick):
     figures = bench_json(
         capsys,

@@ -20,7 +20,9 @@ PROMPTS = random_prompts([12, 30, 7, 21, 16, 9, 25, 14], seed=95)
 def test_routed_load_above_the_target_adds_an_expert_worker(ray_session, tiny_maverick):
     """8 decoding requests route 8 tokens per step per MoE layer; a target of 2 per expert worker
     asks for more workers. The clock is the test's: one measurement every 'second' of 2 steps."""
-    expected = [c.token_ids for c in LLMEngine.from_checkpoint(tiny_maverick, ENGINE).generate(PROMPTS, PARAMS)]
+    expected = [
+        c.token_ids for c in LLMEngine.from_checkpoint(tiny_maverick, ENGINE).generate(PROMPTS, PARAMS)
+    ]
     cfg = AutoscalerConfig(
         enabled=True,
         expert=TierBounds(1, 2),
