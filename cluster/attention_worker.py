@@ -16,7 +16,8 @@ from attention.decoder import Llama4Decoder, load_non_expert_weights
 from cluster.rendezvous import ProcessGroupMember
 from engine.core import EngineConfig, EngineCore, RequestOutput
 from engine.request import Request
-from model.checkpoint import CheckpointReader, parse_dtype
+from model.checkpoint import CheckpointReader
+from model.device import resolve_dtype
 from model.tokenizer import Tokenizer
 from router.dispatcher import AttentionDispatcher, Command, Header, exchange_header
 from router.layout import RankLayout
@@ -57,10 +58,10 @@ class AttentionWorker(ProcessGroupMember):
     ) -> None:
         super().__init__(device)
         self.dp_rank = self.rank = dp_rank
-        dtype = parse_dtype(engine_cfg.dtype)
+        dtype = resolve_dtype(engine_cfg.dtype, self.device)
         with CheckpointReader(Path(model_dir)) as reader:
             cfg = reader.config
-            weights = load_non_expert_weights(reader, dtype)
+            weights = load_non_expert_weights(reader, dtype, self.device)
         self.dispatcher = AttentionDispatcher(layout, placement, cfg.moe_layers, dp_rank, self.device)
         decoder = Llama4Decoder(cfg, weights, self.dispatcher)
         self.core = EngineCore(cfg, decoder, engine_cfg, Tokenizer(model_dir))
@@ -112,7 +113,10 @@ class AttentionWorker(ProcessGroupMember):
                 lw
                 if lw.router is None
                 else replace(
-                    lw, router=reader.tensor(f"layers.{i}.feed_forward.router.weight", shape, lw.router.dtype)
+                    lw,
+                    router=reader.tensor(
+                        f"layers.{i}.feed_forward.router.weight", shape, lw.router.dtype, lw.router.device
+                    ),
                 )
                 for i, lw in enumerate(weights.layers)
             )

@@ -13,8 +13,8 @@ import time
 from cluster.rendezvous import ProcessGroupMember
 from experts.slots import ExpertSlots
 from experts.swiglu import grouped_swiglu
-from model.checkpoint import parse_dtype
 from model.config import ModelConfig
+from model.device import resolve_dtype
 from router.dispatcher import Command, ExpertServer, exchange_header
 from router.layout import RankLayout
 from router.placement import Placement
@@ -35,7 +35,9 @@ class ExpertWorker(ProcessGroupMember):
         self.layout = layout
         self.rank = layout.expert_rank(worker_idx)
         t0 = time.perf_counter()
-        self.slots, self.bytes_read = ExpertSlots.load(model_dir, placement, worker_idx, parse_dtype(dtype))
+        self.slots, self.bytes_read = ExpertSlots.load(
+            model_dir, placement, worker_idx, resolve_dtype(dtype, self.device), self.device
+        )
         self.load_seconds = time.perf_counter() - t0
         hidden = ModelConfig.from_file(model_dir).hidden_size
         self.server = ExpertServer(layout, hidden, self.slots.dtype, self.device)
@@ -53,7 +55,7 @@ class ExpertWorker(ProcessGroupMember):
             for moe_idx, layer in enumerate(self.slots.layers):
                 rows, local_slot, splits = self.server.receive()
                 self.server.send_back(
-                    moe_idx, grouped_swiglu(rows, local_slot, layer.gate_up, layer.down), splits
+                    moe_idx, grouped_swiglu(rows, local_slot, *layer.compute_weights()), splits
                 )
             self.steps += 1
 

@@ -7,33 +7,44 @@ With `LocalExperts` as its MoE backend it is the whole single-process (colocated
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
+import torch
+
 from attention.decoder import Llama4Decoder
-from attention.paged import KVPool, SeqChunk, build_batch
+from attention.paged import KVPool, SeqChunk, build_batch, kv_bytes_per_block
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
+from engine.kv_sizing import KVCapacity, check_kv_cache_memory, plan_kv_cache
 from engine.request import FinishReason, Request
 from engine.sampling import new_seed, sample
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from model.checkpoint import parse_dtype
 from model.config import ModelConfig
+from model.device import check_device_name, check_dtype_name, free_memory
 from model.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    num_kv_blocks: int = 4096  # per rank, shared by all layers
+    num_kv_blocks: int = 4096  # per rank, shared by all layers (unless kv_cache_memory is set)
     block_size: int = 16
     max_num_seqs: int = 64
     token_budget: int = 512
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 on a GPU, float32 on a CPU
+    device: str = "cpu"  # the single-process engine's; cluster workers take ClusterConfig.device
+    # per rank: a fraction in (0, 1] of the memory free after the weights, or bytes; sizes the
+    # pool instead of num_kv_blocks (engine.kv_sizing)
+    kv_cache_memory: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_kv_blocks", "block_size", "max_num_seqs", "token_budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        parse_dtype(self.dtype)
+        check_dtype_name(self.dtype)
+        check_device_name(self.device)
+        if self.kv_cache_memory is not None:
+            check_kv_cache_memory(self.kv_cache_memory)
 
 
 @dataclass(frozen=True)
@@ -62,13 +73,20 @@ class EngineCore:
         self.decoder = decoder
         self.engine_cfg = engine_cfg
         self.tokenizer = tokenizer
-        dtype = parse_dtype(engine_cfg.dtype)
-        self.pool = KVPool(
-            engine_cfg.num_kv_blocks, engine_cfg.block_size, cfg.num_key_value_heads, cfg.head_dim, dtype
-        )
+        self.device = decoder.device  # the pool, the batch and sampling live with the weights
         chunked = [cfg.is_chunked(i) for i in range(cfg.num_hidden_layers)]
+        self.kv_capacity = _size_kv_cache(cfg, engine_cfg, decoder, chunked)
+        print(f"llama4-ep: {self.kv_capacity.describe()}", file=sys.stderr, flush=True)
+        self.pool = KVPool(
+            self.kv_capacity.num_blocks,
+            engine_cfg.block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            decoder.dtype,
+            self.device,
+        )
         self.kv = KVCacheManager(
-            engine_cfg.num_kv_blocks,
+            self.kv_capacity.num_blocks,
             engine_cfg.block_size,
             chunked,
             cfg.attention_chunk_size,
@@ -167,12 +185,14 @@ class EngineCore:
             self._key_start,
             self.cfg.num_hidden_layers,
             self.engine_cfg.block_size,
+            self.device,
         )
         hidden = self.decoder.forward(batch, self.pool)
         rows = [i for i, c in enumerate(sched.chunks) if c.sample]
         if not rows:
             return {}
-        logits = self.decoder.logits(hidden[batch.last_token_index[rows]])
+        sampled_rows = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        logits = self.decoder.logits(hidden[batch.last_token_index[sampled_rows]])
         ids = [sched.chunks[i].request_id for i in rows]
         requests = [self._requests[r] for r in ids]
         tokens = sample(
@@ -201,6 +221,24 @@ class EngineCore:
         self._seeds.pop(request_id, None)
         self._stops.pop(request_id, None)
         self._requests.pop(request_id, None)
+
+
+def _size_kv_cache(
+    cfg: ModelConfig, engine_cfg: EngineConfig, decoder: Llama4Decoder, chunked: list[bool]
+) -> KVCapacity:
+    """The rank's pool: measured after the weights are on the device (they are: the decoder holds
+    them), so a fraction of the free memory is a fraction of what the weights left."""
+    return plan_kv_cache(
+        engine_cfg.num_kv_blocks,
+        engine_cfg.kv_cache_memory,
+        engine_cfg.block_size,
+        kv_bytes_per_block(engine_cfg.block_size, cfg.num_key_value_heads, cfg.head_dim, decoder.dtype),
+        chunked,
+        cfg.attention_chunk_size,
+        engine_cfg.token_budget,
+        cfg.max_position_embeddings,
+        lambda: free_memory(decoder.device),
+    )
 
 
 def _output(request: Request, new: tuple[int, ...]) -> RequestOutput:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from llama_models.llama4.tokenizer import Tokenizer as MetaTokenizer
 from tokenizers import Tokenizer as HFTokenizer
 
 BEGIN_OF_TEXT = 200000
@@ -32,6 +31,10 @@ class Tokenizer:
             self._decode = lambda ids: hf.decode(list(ids), skip_special_tokens=False)
             self.vocab_size = hf.get_vocab_size()
         else:
+            # imported here: a checkpoint with its own tokenizer.json (and the GPU check, which
+            # runs where llama-models and tiktoken are not installed) never needs them
+            from llama_models.llama4.tokenizer import Tokenizer as MetaTokenizer
+
             meta = MetaTokenizer.get_instance()
             self._encode = lambda s: meta.encode(s, bos=False, eos=False)
             self._decode = meta.decode
