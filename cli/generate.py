@@ -65,7 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         ignore_eos=args.ignore_eos,
     )
-    engine_cfg = EngineConfig(dtype=args.dtype)
+    engine_cfg = EngineConfig(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory)
     if args.attention_workers or args.expert_workers or args.address:
         cluster = ClusterConfig(args.attention_workers or 1, args.expert_workers or 1, device=args.device)
         results = generate_on_cluster(model, prompts, params, engine_cfg, cluster, args.address)

@@ -59,6 +59,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="re-plan expert replicas from the measured load while serving",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="workers' device")
+    p.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV cache per attention worker: a fraction of the memory free after the weights (0.9) "
+        "or a size (40GiB); default: a fixed 4096 blocks",
+    )
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--http-port", type=_count("--http-port", 1), default=DEFAULT_HTTP_PORT)
     p.add_argument(
@@ -118,6 +124,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         redundant_slots=args.redundant_slots,
         rebalance={"enabled": args.rebalance},
         device=args.device,
+        engine={"kv_cache_memory": args.kv_cache_memory},
         max_pending=args.max_pending,
     )
     ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)

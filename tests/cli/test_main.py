@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from tests.helpers import hf_greedy
 
 
@@ -111,3 +113,18 @@ def test_cluster_arguments_are_checked(tiny_maverick):
     ]:
         r = llama4_ep(*base, *extra)
         assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
+
+
+def test_generate_sizes_the_kv_cache_from_memory_and_refuses_bad_devices(tiny_maverick):
+    ok = llama4_ep(
+        "generate", "--model", str(tiny_maverick), "--prompt-ids", "1,2,3", "--max-tokens", "2",
+        "--kv-cache-memory", "32MiB",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "KV cache: 8192 blocks of 16 tokens (32.0 MiB, kv_cache_memory 32.0 MiB)" in ok.stderr
+    bad = llama4_ep("generate", "--model", str(tiny_maverick), "--prompt-ids", "1", "--kv-cache-memory", "7")
+    assert bad.returncode == 2 and "--kv-cache-memory" in bad.stderr and "40GiB" in bad.stderr
+    if not torch.cuda.is_available():
+        no_gpu = llama4_ep("generate", "--model", str(tiny_maverick), "--prompt-ids", "1", "--device", "cuda")
+        assert no_gpu.returncode == 2 and "no CUDA GPU is visible" in no_gpu.stderr
+        assert "Traceback" not in no_gpu.stderr
