@@ -16,7 +16,7 @@ from attention.decoder import Llama4Decoder
 from attention.paged import KVPool, SeqChunk, build_batch, kv_bytes_per_block
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCacheManager
-from engine.kv_sizing import KVCapacity, check_kv_cache_memory, plan_kv_cache
+from engine.kv_sizing import KVCapacity, check_kv_cache_memory, peak_blocks, plan_kv_cache
 from engine.request import FinishReason, Request
 from engine.sampling import new_seed, sample
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -108,6 +108,7 @@ class EngineCore:
                 f"request {request.request_id!r}: prompt ({request.num_tokens} tokens) plus max_tokens "
                 f"({request.params.max_tokens}) exceeds the context length {limit}"
             )
+        self._check_kv_room(request)
         if request.params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         self.scheduler.add(request)
@@ -118,6 +119,24 @@ class EngineCore:
             detok = IncrementalDetokenizer(self.tokenizer, request.params.stop)
             detok.add(request.output_token_ids)
             self._stops[request.request_id] = detok
+
+    def _check_kv_room(self, request: Request) -> None:
+        """Refuse, at once, a request whose KV cannot fit this rank's pool even alone: left in, it
+        would end the step loop with KVCacheTooSmallError once it ran."""
+        e, cfg = self.engine_cfg, self.cfg
+        remaining = request.params.max_tokens - len(request.output_token_ids)
+        chunked = [cfg.is_chunked(i) for i in range(cfg.num_hidden_layers)]
+        need = peak_blocks(
+            request.num_tokens, remaining, e.block_size, chunked, cfg.attention_chunk_size, e.token_budget
+        )
+        room = self.kv_capacity
+        if need > room.num_blocks:
+            raise ValueError(
+                f"request {request.request_id!r}: prompt ({request.num_tokens} tokens) plus max_tokens "
+                f"({request.params.max_tokens}) needs {need} KV blocks, more than this rank's "
+                f"{room.num_blocks} (one sequence of up to {room.max_sequence_tokens} tokens); a larger "
+                "kv_cache_memory or a smaller request fits"
+            )
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Finish a request with ABORT. While a step waits to be replayed the abort waits too (the

@@ -135,15 +135,9 @@ def max_sequence_tokens(
     prefilled in steps of `token_budget` tokens: the worst case, since a step keeps the chunked
     layers' blocks from its first token's chunk on (`engine.kv_cache.KVCacheManager`'s rule) and
     a decode step starts later than a prefill step ending at the same position."""
-    num_chunked = sum(bool(c) for c in chunked_layers) if chunk_size is not None else 0
-    num_global = len(chunked_layers) - num_chunked
-
-    def blocks(start: int, end: int) -> int:  # live blocks while computing [start, end)
-        entries = -(-end // block_size)
-        released = (start // chunk_size * chunk_size) // block_size if num_chunked else 0
-        return num_global * entries + num_chunked * (entries - released)
-
-    if num_chunked == 0:
+    blocks = _live_blocks(block_size, chunked_layers, chunk_size)
+    if not any(chunked_layers) or chunk_size is None:
+        num_global = len(chunked_layers)
         return min(num_blocks // max(num_global, 1) * block_size, context_len)
     start = 0
     while start < context_len:  # every longer sequence runs this step too: the first misfit ends it
@@ -156,6 +150,49 @@ def max_sequence_tokens(
             return lo
         start = end
     return context_len
+
+
+def peak_blocks(
+    prompt_len: int,
+    max_new_tokens: int,
+    block_size: int,
+    chunked_layers: Sequence[bool],
+    chunk_size: int | None,
+    token_budget: int,
+) -> int:
+    """The most blocks one request holds running alone: its prompt prefilled in steps of
+    `token_budget`, then one position per step (the last sampled token is never computed). A
+    recompute after preemption prefills prompt and outputs together, which can need more (up to
+    what `max_sequence_tokens` allows for)."""
+    blocks = _live_blocks(block_size, chunked_layers, chunk_size)
+    peak = max(
+        (blocks(s, min(s + token_budget, prompt_len)) for s in range(0, prompt_len, token_budget)), default=0
+    )
+    last = prompt_len + max_new_tokens - 2  # the last position a decode step computes
+    if last < prompt_len:
+        return peak
+    # within a chunk the chunked layers grow until its last position; the global layers grow to the end
+    ends = [last]
+    if chunk_size is not None:
+        ends += range(prompt_len // chunk_size * chunk_size + chunk_size - 1, last, chunk_size)
+    return max([peak] + [blocks(p, p + 1) for p in ends if p >= prompt_len])
+
+
+def _live_blocks(
+    block_size: int, chunked_layers: Sequence[bool], chunk_size: int | None
+) -> Callable[[int, int], int]:
+    """blocks(start, end): live blocks of one sequence while it computes [start, end), over all
+    layers (`engine.kv_cache.KVCacheManager`'s rule: chunked layers keep the blocks from the
+    chunk of `start` on)."""
+    num_chunked = sum(bool(c) for c in chunked_layers) if chunk_size is not None else 0
+    num_global = len(chunked_layers) - num_chunked
+
+    def blocks(start: int, end: int) -> int:
+        entries = -(-end // block_size)
+        released = (start // chunk_size * chunk_size) // block_size if num_chunked else 0
+        return num_global * entries + num_chunked * (entries - released)
+
+    return blocks
 
 
 def _gib(n: float) -> str:

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import pytest
 
+from engine.core import EngineConfig
 from engine.kv_cache import KVCacheManager
-from engine.kv_sizing import kv_cache_bytes, max_sequence_tokens, parse_kv_cache_memory, plan_kv_cache
+from engine.kv_sizing import (
+    kv_cache_bytes,
+    max_sequence_tokens,
+    parse_kv_cache_memory,
+    peak_blocks,
+    plan_kv_cache,
+)
+from engine.llm_engine import LLMEngine
+from engine.request import SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -82,3 +91,40 @@ def test_plan_from_blocks_or_memory():
     assert f"up to {sized.max_sequence_tokens} tokens" in sized.describe()
     with pytest.raises(ValueError, match="buys no KV block"):
         plan_kv_cache(64, 0.5, 16, per_block, chunked, 32, 64, 4096, free_bytes=lambda: 1000)
+
+
+def _peak_by_the_block_manager(prompt_len, new, block_size, chunked, chunk, budget) -> int:
+    """Prefill in steps of `budget`, then decode one position per step; the most blocks in use."""
+    kv = KVCacheManager(10**6, block_size, chunked, chunk)
+    steps = [(s, min(s + budget, prompt_len)) for s in range(0, prompt_len, budget)]
+    steps += [(p, p + 1) for p in range(prompt_len, prompt_len + new - 1)]
+    peak = 0
+    for start, end in steps:
+        assert kv.allocate("r", start, end)
+        peak = max(peak, kv.usage().blocks_used)
+    return peak
+
+
+@pytest.mark.parametrize(
+    ("block_size", "chunked", "chunk", "budget"),
+    [
+        (4, [True, True, True, False], 16, 8),
+        (8, [True] * 3, 12, 5),
+        (16, [False, True], None, 64),
+        (3, [True], 7, 4),
+    ],
+)
+def test_peak_blocks_of_one_request_is_what_the_block_manager_uses(block_size, chunked, chunk, budget):
+    for prompt_len, new in [(1, 1), (5, 1), (30, 2), (13, 40), (64, 100), (7, 3)]:
+        expected = _peak_by_the_block_manager(prompt_len, new, block_size, chunked, chunk, budget)
+        assert peak_blocks(prompt_len, new, block_size, chunked, chunk, budget) == expected, (prompt_len, new)
+
+
+def test_a_request_the_pool_cannot_hold_is_refused_at_once(tiny_maverick):
+    """Left in, it would stop the step loop with KVCacheTooSmallError when it ran."""
+    engine = LLMEngine.from_checkpoint(tiny_maverick, EngineConfig(num_kv_blocks=40, block_size=4))
+    with pytest.raises(ValueError, match="needs 48 KV blocks, more than this rank's 40"):
+        engine.add(list(range(1, 22)), SamplingParams(max_tokens=4))  # prefill: 6 blocks x 8 layers
+    engine.add(list(range(1, 18)), SamplingParams(max_tokens=2, ignore_eos=True))  # 5 x 8 = 40: fits
+    while engine.has_unfinished:
+        engine.step()
