@@ -158,7 +158,7 @@ class Llama4Decoder:
             x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
             h = h + self._attention(layer_idx, lw, x, batch, kv, rotation, q_scale)
             x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
-            h = h + (self._moe(layer_idx, lw, x) if lw.router is not None else _mlp(x, lw.mlp))
+            h = h + (self.moe(layer_idx, x) if lw.router is not None else _mlp(x, lw.mlp))
         return rms_norm(h, w.norm, cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -196,7 +196,10 @@ class Llama4Decoder:
         out = out.flatten(0, 1)[batch.q_flat_index]  # back to [T, Nq, D], in token order
         return out.reshape(t, cfg.num_attention_heads * d) @ lw.o.T
 
-    def _moe(self, layer_idx: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    def moe(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
+        """One MoE layer's feed-forward: x [T, H] (post-attention normed) -> [T, H], the routed
+        expert of each token plus the shared expert, without the residual."""
+        lw = self.weights.layers[layer_idx]
         expert_idx, score = top1_gate(x, lw.router)
         pending = self.experts.dispatch(layer_idx, x * score[:, None], expert_idx)
         shared = _mlp(x, lw.mlp)  # overlaps the exchange in the disaggregated layout
