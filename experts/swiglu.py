@@ -4,7 +4,7 @@
 slots stacked into one tensor, the rows are grouped by slot and each projection is one grouped
 matrix product (torch's grouped GEMM), with no host sync. Everywhere else (CPUs, per-slot
 tensors, a torch without a usable grouped GEMM) it loops over the slots that have rows, one
-matmul each: one host sync (the slot list), and on a CPU exactly the results it always gave.
+matmul each: a host sync for the slot list, and on a CPU exactly the results it always gave.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def grouped_swiglu(
 
     x [T, H], slot_idx [T] int64 in [0, S), gate_up [S, H, 2I], down [S, I, H] (stacked, or a
     sequence of S per-slot tensors), all on one device -> [T, H] on that device. Slots with no
-    rows do no work. Host syncs: none on the grouped GEMM path (a GPU, stacked slots), one on
-    the per-slot loop.
+    rows do no work. Host syncs: none on the grouped GEMM path (a GPU, stacked slots); on the
+    per-slot loop the slot list (and, on a GPU, the sizing of torch.unique's output).
     """
     if x.shape[0] == 0:
         return torch.empty_like(x)
@@ -69,8 +69,10 @@ def _grouped(
     x: torch.Tensor, slot_idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
     order = torch.argsort(slot_idx, stable=True)
-    # offs[s]: end of slot s's rows in the sorted order (empty slots repeat the offset)
-    offs = torch.bincount(slot_idx, minlength=gate_up.shape[0]).cumsum(0).to(torch.int32)
+    # offs[s]: end of slot s's rows in the sorted order (empty slots repeat the offset); found by
+    # search, as CUDA's bincount would read the largest slot on the host
+    slots = torch.arange(gate_up.shape[0], device=x.device)
+    offs = torch.searchsorted(slot_idx[order], slots, right=True).to(torch.int32)
     rows = x.index_select(0, order)
     gate, up = _GROUPED_MM(rows, gate_up, offs=offs).chunk(2, dim=-1)
     out = _GROUPED_MM(up * F.silu(gate), down, offs=offs)

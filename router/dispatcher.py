@@ -17,8 +17,9 @@ rank 0 broadcasts before each step.
 Every tensor lives on the rank's device (NCCL takes only GPU tensors): rows, results, counts,
 load statistics and the placement's lookup tables. Host syncs per MoE layer, the minimum the
 transport needs, since `all_to_all_single` takes its split sizes as Python ints:
-- attention rank: 1, the rows per destination rank (`Route.splits`); 4 more in a layer where
-  some expert has several replicas (`router.routing.choose_replica` checks its inputs' range);
+- attention rank: 1, the rows per destination rank (`Route.splits`); in a layer where some
+  expert has several replicas 5 more: `router.routing.choose_replica` reads its inputs' range
+  (4) and `router.placement.occurrence_rank` uses CUDA's bincount (1);
 - expert rank: 1, the rows per source rank, which also size the receive buffer; plus the expert
   compute's own (`experts.swiglu.grouped_swiglu`: none with the grouped GEMM, one per-slot loop);
 - load statistics stay on the device and reach the host once per step (`take_load`).
@@ -166,7 +167,7 @@ class AttentionDispatcher:
         layout = self.layout
         slot = self._replicas.slots(moe_idx, expert_idx, self.step_id + self.dp_rank)
         key = slot + layout.first_expert_key
-        counts = torch.bincount(key, minlength=layout.num_keys)
+        counts = count_ids(key, layout.num_keys)
         splits = counts.view(layout.world_size, layout.slots_per_worker).sum(1).tolist()
         return Route(torch.argsort(key, stable=True), counts, splits)
 
@@ -186,9 +187,17 @@ class AttentionDispatcher:
         return PendingRows(self, route.order, route.splits, work, rows.shape[0], routed_in)
 
     def _count_load(self, moe_idx: int, expert_idx: torch.Tensor, counts: torch.Tensor) -> None:
-        self.expert_load[moe_idx] += torch.bincount(expert_idx, minlength=self.placement.num_experts)
+        self.expert_load[moe_idx] += count_ids(expert_idx, self.placement.num_experts)
         # the keys past the attention ranks are the global slots
         self.slot_load[moe_idx] += counts[self.layout.first_expert_key :]
+
+
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in ids [T] (int64 [n]). On a GPU without the host sync of
+    CUDA's bincount (it reads the largest id to size its output)."""
+    if ids.device.type == "cpu":
+        return torch.bincount(ids, minlength=n)
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
 
 
 def _placement_on(placement: Placement, device: torch.device) -> Placement:
