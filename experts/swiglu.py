@@ -89,7 +89,7 @@ def _per_slot(
     order = torch.argsort(slot_idx, stable=True)
     slots, counts = torch.unique_consecutive(slot_idx[order], return_counts=True)
     start = 0
-    for slot, count in zip(*torch.stack((slots, counts)).tolist(), strict=True):  # the one host sync
+    for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):  # host syncs: the fallback
         rows = order[start : start + count]
         out[rows] = expert_swiglu(x[rows], gate_up[slot], down[slot])
         start += count
