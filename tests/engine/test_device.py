@@ -75,6 +75,9 @@ def test_every_step_tensor_is_on_the_gpu_and_tokens_equal_the_cpu(tiny_checkpoin
         assert host_float == []  # nothing of the forward pass or sampling ran on the host
         assert syncs == ["tolist"]  # the greedy tokens; expert compute by grouped GEMM: no sync
         assert uploads == 2  # the batch metadata (one packed copy) and the rows that sample
+    fake_gpu.reset()
+    assert core.step(run_empty=True) == []  # a lock-step rank with nothing to run joins anyway
+    assert fake_gpu.syncs == [] and fake_gpu.uploads == 1 and fake_gpu.host_float_ops() == []
 
 
 def test_auto_dtype_is_bfloat16_on_a_gpu(tiny_maverick, fake_gpu):
