@@ -45,6 +45,8 @@ class LayerSlots:
         self.gate_up[slot], self.down[slot], self.slot_to_expert[slot] = gate_up, down, expert
 
     def to(self, device: torch.device) -> LayerSlots:
+        if all(t.device == device for t in self.gate_up + self.down):
+            return self  # read there already: keep the stack
         return LayerSlots(
             [t.to(device) for t in self.gate_up], [t.to(device) for t in self.down], self.slot_to_expert
         )

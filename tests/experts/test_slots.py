@@ -62,3 +62,9 @@ def test_a_worker_reads_and_stages_its_slots_on_its_device(tiny_scout, gpu):
     slots.stage(1, {0: {2: 0}}, CUDA)
     slots.switch(1)
     assert slots.layers[0].slot_to_expert[2] == 0 and isinstance(slots.layers[0].gate_up[2], CudaTensor)
+
+
+def test_moving_slots_already_on_the_device_keeps_their_stack(gpu):
+    gate_up, down = _weights(2)
+    layer = LayerSlots.from_stacked(gate_up.to(CUDA), down.to(CUDA), [0, 1])
+    assert layer.to(CUDA) is layer
