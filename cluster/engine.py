@@ -36,8 +36,7 @@ from cluster.rebalancer import Rebalancer
 from cluster.recovery import ClusterUnavailable, FaultStats, Recovery, StepOutcome, await_step
 from cluster.resize import Bundle, Resizer
 from cluster.vision_worker import VisionTier, VisionWorker
-from engine.autoscale import AutoscalerConfig, Decision, TierWindow, decide
-from engine.autoscale import State as AutoscaleState
+from engine.autoscale import AutoscalerConfig, Decision, TierAutoscaler
 from engine.core import EngineConfig, RequestOutput, check_fits
 from engine.data_parallel import RequestBook
 from engine.protocol import Completion, generate
@@ -89,9 +88,7 @@ class ClusterEngine:
         self.faults = FaultStats()
         self.board: HeaderBoard | None = None
         self.vision: VisionTier | None = None  # None: attention workers encode their own images
-        self.autoscaler = AutoscalerConfig()  # off until `configure` turns it on
-        self._tier_window = TierWindow()
-        self._autoscale_state = AutoscaleState()
+        self.autoscaler = TierAutoscaler(AutoscalerConfig())  # off until `configure` turns it on
         self.last_decision = ""
         try:
             self._start()
@@ -140,6 +137,8 @@ class ClusterEngine:
         workers = self.attention + self.experts
         self._where = {}
         ray.get(self.track(workers))
+        # what the driver checks a request against: the smallest pool (each sized from its memory)
+        self.kv_blocks = min(ray.get([w.kv_blocks.remote() for w in self.attention]))
         self.resizer = Resizer(
             self, {self.key(w): b for w, b in zip(workers, placed[: len(workers)], strict=True)}
         )
@@ -206,7 +205,7 @@ class ClusterEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: prompt must hold at least one token")
-        check_fits(self.model_cfg, self.engine_cfg, len(prompt_token_ids), params.max_tokens)
+        check_fits(self.model_cfg, self.engine_cfg, len(prompt_token_ids), params.max_tokens, self.kv_blocks)
         hold = bool(images) and self.vision is not None
         rank = self.book.add(request_id, prompt_token_ids, params, images, hold=hold)
         if hold:
@@ -288,7 +287,7 @@ class ClusterEngine:
     def _measure(self, results: list[StepResult]) -> None:
         routed = sum(int(r.slot_load.sum()) for r in results if r.slot_load is not None)
         kv = max((r.kv_blocks_used / max(r.kv_blocks_total, 1) for r in results), default=0.0)
-        self._tier_window.add_step(
+        self.autoscaler.window.add_step(
             routed, len(self.model_cfg.moe_layers), kv, sum(r.num_waiting for r in results)
         )
 
@@ -313,24 +312,24 @@ class ClusterEngine:
         if num_attention is not None or num_expert is not None:
             self.resize(num_attention or len(self.attention), num_expert or len(self.experts), drain)
         if autoscaler is not None:
-            self.autoscaler = autoscaler
-            self._autoscale_state = AutoscaleState()
+            self.autoscaler = TierAutoscaler(autoscaler)
 
     def autoscale(self, now_s: float) -> Decision | None:
         """Measure the interval since the last call and let the tier autoscaler decide; resize
-        when it asks for other sizes (and no resize is in flight). None when it is off."""
-        if not self.autoscaler.enabled:
+        when it asks for other sizes. The decision made, or None (off, or a resize in flight);
+        `autoscaler.history` keeps what it saw."""
+        if not self.autoscaler.cfg.enabled:
             return None
-        m = self._tier_window.take(now_s, len(self.attention), len(self.experts))
-        decision, self._autoscale_state = decide(self.autoscaler, m, self._autoscale_state)
-        if decision.changes(m) and not self.resizer.busy:
+        busy = self.resizer.busy
+        decision = self.autoscaler.tick(now_s, len(self.attention), len(self.experts), resizing=busy)
+        if decision is not None:
             self.last_decision = decision.reason
             log.warning("tier autoscaler: %s", decision.reason)
             try:
                 self.resize(decision.num_attention, decision.num_expert)
             except ValueError as e:  # e.g. no resources for another worker now: try again later
                 log.warning("tier autoscaler cannot resize: %s", e)
-        return decision
+        return None if busy else self.autoscaler.history[-1].decision
 
     def _accept(self, results: list[StepResult]) -> list[RequestOutput]:
         """The outputs of the ranks whose step completed (a failed rank replays its step)."""

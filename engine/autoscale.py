@@ -197,3 +197,38 @@ def _tier(
     if now - s.since_s < delay or now - s.last_resize_s < cfg.cooldown_s:
         return current, s
     return current + direction, TierState(0, now, now)
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One interval of the autoscaler: what it saw and what it decided (None: it did not decide
+    because a resize was in flight)."""
+
+    measurements: Measurements
+    decision: Decision | None
+
+
+class TierAutoscaler:
+    """The control loop around `decide`, the one both the cluster engine and the simulator run:
+    steps go into the window, each interval's measurements into `decide`, and a decision that
+    changes the sizes comes out. While a resize is in flight the interval is measured but not
+    decided (the state is kept, so the cooldown starts at a resize that happened)."""
+
+    def __init__(self, cfg: AutoscalerConfig, history: int = 1024) -> None:
+        self.cfg = cfg
+        self.state = State()
+        self.window = TierWindow()
+        self.history: list[Tick] = []
+        self._history_len = history
+
+    def tick(
+        self, time_s: float, num_attention: int, num_expert: int, resizing: bool = False
+    ) -> Decision | None:
+        """The interval since the last tick; the new sizes when they change, else None."""
+        m = self.window.take(time_s, num_attention, num_expert)
+        decision = None
+        if not resizing:
+            decision, self.state = decide(self.cfg, m, self.state)
+        self.history.append(Tick(m, decision))
+        del self.history[: -self._history_len]
+        return decision if decision is not None and decision.changes(m) else None
