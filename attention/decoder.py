@@ -63,7 +63,7 @@ class NonExpertWeights:
 
 def _stack_columns(*weights: torch.Tensor) -> torch.Tensor:
     """nn.Linear weights [out_i, in] -> one `x @ w` weight [in, sum(out_i)], contiguous."""
-    return torch.cat(weights).T.contiguous()
+    return torch.cat(weights).t().clone(memory_format=torch.contiguous_format)
 
 
 class PendingExperts(Protocol):
@@ -184,9 +184,10 @@ class Llama4Decoder:
             h = h.index_copy(0, index, batch.image_embeds.to(h.device, h.dtype))
         rotation = rope_rotation(batch.positions, self.inv_freq)
         q_scale = temperature_scale(batch.positions, cfg) if cfg.attn_temperature_tuning else None
+        masks: dict[tuple, torch.Tensor] = {}  # one per distinct key geometry (and chunking) this step
         for layer_idx, lw in enumerate(w.layers):
             x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
-            h = h + self._attention(layer_idx, lw, x, batch, kv, rotation, q_scale)
+            h = h + self._attention(layer_idx, lw, x, batch, kv, rotation, q_scale, masks)
             x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
             h = h + (self.moe(layer_idx, x) if lw.router is not None else _mlp(x, lw.mlp))
         return rms_norm(h, w.norm, cfg.rms_norm_eps)
@@ -204,6 +205,7 @@ class Llama4Decoder:
         kv: KVPool,
         rotation: torch.Tensor,
         q_scale: torch.Tensor | None,
+        masks: dict[tuple, torch.Tensor],
     ) -> torch.Tensor:
         cfg = self.cfg
         t, d = x.shape[0], cfg.head_dim
@@ -221,10 +223,13 @@ class Llama4Decoder:
         kv.write(meta.slot_mapping, k, v)
         keys, values = kv.gather(meta.key_blocks)
         chunk = cfg.attention_chunk_size if cfg.is_chunked(layer_idx) else None
-        mask = attention_mask(batch.q_pos, meta.key_pos, meta.key_valid, chunk)
-        q_padded = q[batch.q_index.clamp(min=0)]  # [B, Qmax, Nq, D]
-        out = attend(q_padded, keys, values, mask)
-        out = out.flatten(0, 1)[batch.q_flat_index]  # back to [T, Nq, D], in token order
+        mask_key = (id(meta.key_pos), id(meta.key_valid), chunk)  # build_batch shares equal geometries
+        if mask_key not in masks:
+            masks[mask_key] = attention_mask(batch.q_pos, meta.key_pos, meta.key_valid, chunk)
+        decode = batch.q_pos.shape == (t, 1)  # one query per sequence: the flat order is already [B]
+        q_padded = q[:, None] if decode else q[batch.q_index.clamp(min=0)]  # [B, Qmax, Nq, D]
+        out = attend(q_padded, keys, values, masks[mask_key])
+        out = out[:, 0] if decode else out.flatten(0, 1)[batch.q_flat_index]  # [T, Nq, D], token order
         return out.reshape(t, nq) @ lw.o
 
     def moe(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor:

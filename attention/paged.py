@@ -151,8 +151,10 @@ def build_batch(
     # row-major order of the valid queries is token order (sequences one after another); found
     # here on the host, so the decoder never needs a data-dependent boolean index on the device
     q_flat_index = torch.nonzero(q_valid.reshape(-1)).reshape(-1)
+    keys: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # shared by layers that see the same keys
     layers = tuple(
-        _layer_meta(chunks, lengths, block_table, layer, key_start, block_size) for layer in range(num_layers)
+        _layer_meta(chunks, lengths, block_table, layer, key_start, block_size, keys)
+        for layer in range(num_layers)
     )
     image_index, image_embeds = _image_rows(chunks, offsets)
     batch = AttentionBatch(
@@ -188,7 +190,11 @@ def _layer_meta(
     layer: int,
     key_start: Callable[[int, int], int],
     block_size: int,
+    keys: dict[tuple, tuple[torch.Tensor, torch.Tensor]],
 ) -> LayerMeta:
+    """The layer's slots and key blocks. Layers whose queries see the same key positions (every
+    full-attention layer; every chunked layer) get the same key_pos and key_valid tensors, so the
+    decoder builds their attention mask once per step."""
     slots: list[int] = []
     rows: list[list[int]] = []
     first_blocks: list[int] = []
@@ -203,10 +209,16 @@ def _layer_meta(
         ends.append(end)
     nb = max((len(r) for r in rows), default=0)
     blocks = torch.tensor([r + [-1] * (nb - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), nb)
+    geometry = (tuple(first_blocks), tuple(ends), nb)
+    shared = all(b >= 0 for r in rows for b in r)  # no freed block: the keys depend on geometry only
+    if shared and geometry in keys:
+        return LayerMeta(torch.tensor(slots, dtype=torch.long), blocks.clamp(min=0), *keys[geometry])
     key_pos = (
         torch.tensor(first_blocks, dtype=torch.long)[:, None] * block_size
         + torch.arange(nb * block_size)[None, :]
     )
     readable = (blocks >= 0).repeat_interleave(block_size, dim=1)
     key_valid = readable & (key_pos < torch.tensor(ends, dtype=torch.long)[:, None])
+    if shared:
+        keys[geometry] = (key_pos, key_valid)
     return LayerMeta(torch.tensor(slots, dtype=torch.long), blocks.clamp(min=0), key_pos, key_valid)

@@ -21,8 +21,7 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 def expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """One expert in the fused checkpoint layout. x [n, H], gate_up [H, 2I] (gate first), down [I, H]."""
-    gate, up = (x @ gate_up).chunk(2, dim=-1)
-    return (up * F.silu(gate)) @ down
+    return _swiglu_hidden(x, gate_up) @ down
 
 
 def grouped_swiglu(
@@ -85,12 +84,24 @@ def _per_slot(
     gate_up: torch.Tensor | Sequence[torch.Tensor],
     down: torch.Tensor | Sequence[torch.Tensor],
 ) -> torch.Tensor:
-    out = torch.empty_like(x)
+    """One matmul pair per slot with rows, over contiguous slices of the rows sorted by slot (one
+    gather in, one scatter out, rather than an index and an index_put per slot). Each row gets
+    the same products as before: a slot's rows are the same set, in the same order."""
+    if x.shape[0] == 1:  # a decode step of one sequence: nothing to group
+        slot = int(slot_idx[0])
+        return expert_swiglu(x, gate_up[slot], down[slot])
     order = torch.argsort(slot_idx, stable=True)
     slots, counts = torch.unique_consecutive(slot_idx[order], return_counts=True)
+    rows = x.index_select(0, order)
+    out = torch.empty_like(rows)
     start = 0
-    for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):  # host syncs: the fallback
-        rows = order[start : start + count]
-        out[rows] = expert_swiglu(x[rows], gate_up[slot], down[slot])
-        start += count
-    return out
+    for slot, count in torch.stack([slots, counts]).T.tolist():  # one host sync: the fallback
+        end = start + count
+        torch.mm(_swiglu_hidden(rows[start:end], gate_up[slot]), down[slot], out=out[start:end])
+        start = end
+    return torch.empty_like(x).index_copy_(0, order, out)
+
+
+def _swiglu_hidden(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = (x @ gate_up).chunk(2, dim=-1)
+    return up * F.silu(gate)
