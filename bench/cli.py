@@ -85,6 +85,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--attention-workers", type=int, default=1, help="cluster column: attention workers")
     d.add_argument("--expert-workers", type=int, default=4, help="cluster column: expert workers (0: skip)")
     d.add_argument("--no-peers", action="store_true", help="skip the llama.cpp and vLLM CPU columns")
+    d.add_argument("--peer-threads", type=int, help="the peers' threads (default: torch's, as this engine)")
     d.add_argument("--rounds", type=int, default=2, help="with peers: rounds of all engines; the best counts")
     d.add_argument("--peer-dir", help="where the peers were built (default ~/.cache/llama4-ep-peers)")
     d.add_argument("--peer-scripts", help="the peers' scripts (default ../shared/peers beside the repo)")

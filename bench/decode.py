@@ -151,7 +151,7 @@ def _peer_setup(args: argparse.Namespace) -> PeerSetup:
     return PeerSetup(
         Path(args.peer_scripts) if args.peer_scripts else setup.scripts,
         Path(args.peer_dir) if args.peer_dir else setup.root,
-        threads=torch.get_num_threads(),
+        threads=args.peer_threads or torch.get_num_threads(),
     )
 
 
