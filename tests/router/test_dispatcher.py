@@ -103,4 +103,3 @@ def test_expert_side_rows_and_slots_stay_on_the_gpu(gpu, monkeypatch):
     with gpu.off():
         expected = grouped_swiglu(rows.inner, torch.tensor([0, 0, 2, 2, 2, 3]), *stacked)
         torch.testing.assert_close(world.sent.inner, expected)
-
