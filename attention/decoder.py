@@ -123,9 +123,13 @@ class Llama4Decoder:
         self.inv_freq = rope_inv_freq(cfg)
 
     def forward(self, batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
-        """Final-normed hidden states [T, H] for batch.token_ids [T]."""
+        """Final-normed hidden states [T, H] for batch.token_ids [T]. Image features in the batch
+        replace their tokens' embeddings before layer 0 (early fusion)."""
         cfg, w = self.cfg, self.weights
         h = w.embed[batch.token_ids]
+        if batch.image_embeds is not None:
+            index = batch.image_index.to(h.device)
+            h = h.index_copy(0, index, batch.image_embeds.to(h.device, h.dtype))
         rotation = rope_rotation(batch.positions, self.inv_freq)
         q_scale = temperature_scale(batch.positions, cfg) if cfg.attn_temperature_tuning else None
         for layer_idx, lw in enumerate(w.layers):

@@ -42,12 +42,21 @@ class KVPool:
 
 
 @dataclass(frozen=True)
+class ImageRows:
+    """Image features that take the place of some tokens' embeddings in a chunk (early fusion)."""
+
+    offsets: torch.Tensor  # [R] int64, index into the chunk's token_ids
+    embeds: torch.Tensor  # [R, H] projected vision features
+
+
+@dataclass(frozen=True)
 class SeqChunk:
     """The tokens one sequence computes this step: positions [start_pos, start_pos + len(token_ids))."""
 
     request_id: str
     token_ids: Sequence[int]
     start_pos: int
+    image_rows: ImageRows | None = None  # features for the chunk's `<|patch|>` tokens
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,8 @@ class AttentionBatch:
     q_pos: torch.Tensor  # [B, Qmax] (padding rows: -1, so they see nothing)
     layers: tuple[LayerMeta, ...]
     last_token_index: torch.Tensor  # [B] flat index of each sequence's last token this step
+    image_index: torch.Tensor | None = None  # [R] int64 flat token index of each image row
+    image_embeds: torch.Tensor | None = None  # [R, H] replace the embeddings of those tokens
 
 
 def build_batch(
@@ -97,7 +108,21 @@ def build_batch(
     layers = tuple(
         _layer_meta(chunks, lengths, block_table, layer, key_start, block_size) for layer in range(num_layers)
     )
-    return AttentionBatch(token_ids, positions, q_index, q_valid, q_pos, layers, offsets[1:] - 1)
+    image_index, image_embeds = _image_rows(chunks, offsets)
+    return AttentionBatch(
+        token_ids, positions, q_index, q_valid, q_pos, layers, offsets[1:] - 1, image_index, image_embeds
+    )
+
+
+def _image_rows(
+    chunks: Sequence[SeqChunk], offsets: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The chunks' image rows as flat token indices [R] and features [R, H] (None without any)."""
+    with_images = [(int(offsets[i]), c.image_rows) for i, c in enumerate(chunks) if c.image_rows is not None]
+    if not with_images:
+        return None, None
+    index = torch.cat([rows.offsets.to(torch.long).cpu() + base for base, rows in with_images])
+    return index, torch.cat([rows.embeds for _, rows in with_images])
 
 
 def _layer_meta(

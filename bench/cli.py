@@ -37,6 +37,12 @@ def _faults(args: argparse.Namespace) -> int:
     return cmd_faults(args)
 
 
+def _vision(args: argparse.Namespace) -> int:
+    from bench.vision import cmd_vision  # lazy: start-up time of the CLI
+
+    return cmd_vision(args)
+
+
 def _replication(args: argparse.Namespace) -> int:
     from bench.replication import cmd_replication  # lazy: start-up time of the CLI
 
@@ -71,6 +77,20 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     add_bench_serve_parser(bench)
     _add_replication_parser(bench)
     _add_faults_parser(bench)
+    _add_vision_parser(bench)
+
+
+def _add_vision_parser(bench: argparse._SubParsersAction) -> None:
+    v = bench.add_parser("vision", help="vision-encoder images/s, and TTFT with an image against text only")
+    v.add_argument("--model", help="checkpoint with a vision tower (default: the bench-maverick preset)")
+    v.add_argument("--vision-workers", type=int, default=1, help="vision-encoder actors (0: in-process)")
+    v.add_argument("--attention-workers", type=int, default=1)
+    v.add_argument("--expert-workers", type=int, default=1, help="0: the single-process engine")
+    v.add_argument("--images", type=int, default=16, help="images per encoder call (the batch)")
+    v.add_argument("--image-size", default="672x672", help="HxW of the test image (672x672: 2x2 tiles + 1)")
+    v.add_argument("--reps", type=int, default=5, help="timed encoder calls, and TTFT pairs")
+    v.add_argument("--dtype", default="float32")
+    v.set_defaults(func=_vision)
 
 
 def _add_dispatch_parser(bench: argparse._SubParsersAction) -> None:

@@ -11,6 +11,7 @@ from cluster.engine import generate_on_cluster
 from engine.core import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.request import SamplingParams
+from model.image_processing import ImageError, ImageProcessor, ProcessedImage
 from model.synthetic import default_checkpoint, make_checkpoint
 from model.tokenizer import Tokenizer
 
@@ -25,6 +26,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         expert_skew=args.expert_skew,
         skew_seed=args.skew_seed,
+        vision=not args.no_vision,
     )
     files = sorted(p.name for p in Path(out).iterdir())
     print(f"wrote {args.preset} (seed {args.seed}) to {out}: {', '.join(files)}")
@@ -51,12 +53,38 @@ def _prompts(args: argparse.Namespace, tokenizer: Tokenizer) -> list[list[int]]:
     return prompts
 
 
+def _with_images(
+    args: argparse.Namespace, model: Path, tokenizer: Tokenizer, prompts: list[list[int]]
+) -> tuple[list[list[int]], list[list[ProcessedImage]] | None]:
+    """With --image: one --chat message, the images shown before its text, the prompt expanded."""
+    if not args.image:
+        return prompts, None
+    inputs = args.inputs or []
+    if len(inputs) != 1 or inputs[0][0] != "chat":
+        raise ValueError("--image goes with exactly one --chat (and no other prompt)")
+    processor = ImageProcessor.for_checkpoint(model)
+    if processor is None:
+        raise ValueError(f"--model {str(model)!r} has no vision tower; --image needs one")
+    images = []
+    for path in args.image:
+        try:
+            images.append(processor.decode_and_preprocess(Path(path).read_bytes()))
+        except OSError as e:
+            raise ValueError(f"--image {path!r}: {e.strerror}") from None
+        except ImageError as e:
+            raise ValueError(f"--image {path!r}: {e}") from None
+    parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": inputs[0][1]}]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": parts}])
+    return [processor.expand(prompt, images)], [images]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else default_checkpoint()
     if not (model / "config.json").exists():
         raise ValueError(f"--model {str(model)!r}: no config.json there")
     tokenizer = Tokenizer(model)
     prompts = _prompts(args, tokenizer)
+    prompts, images = _with_images(args, model, tokenizer, prompts)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -66,11 +94,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     engine_cfg = EngineConfig(dtype=args.dtype)
-    if args.attention_workers or args.expert_workers or args.address:
-        cluster = ClusterConfig(args.attention_workers or 1, args.expert_workers or 1, device=args.device)
-        results = generate_on_cluster(model, prompts, params, engine_cfg, cluster, args.address)
+    if args.attention_workers or args.expert_workers or args.address or args.vision_workers:
+        cluster = ClusterConfig(
+            args.attention_workers or 1,
+            args.expert_workers or 1,
+            device=args.device,
+            num_vision_workers=args.vision_workers,
+        )
+        results = generate_on_cluster(model, prompts, params, engine_cfg, cluster, args.address, images)
     else:
-        results = LLMEngine.from_checkpoint(model, engine_cfg).generate(prompts, params)
+        results = LLMEngine.from_checkpoint(model, engine_cfg).generate(prompts, params, images)
     for i, r in enumerate(results):
         text = tokenizer.decode_output(r.token_ids)
         if args.json:

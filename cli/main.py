@@ -76,6 +76,18 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         type=lambda t: ("ids", _token_ids(t)),
         help="token ids used exactly as given: 1,2,3",
     )
+    p.add_argument(
+        "--image",
+        action="append",
+        default=None,
+        help="an image file shown before the --chat text (repeatable)",
+    )
+    p.add_argument(
+        "--vision-workers",
+        type=int,
+        default=0,
+        help="with the cluster: vision-encoder actors (0: the attention workers encode)",
+    )
     p.add_argument("--max-tokens", type=_positive_int("--max-tokens"), default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -116,6 +128,7 @@ def _add_make_checkpoint(sub: argparse._SubParsersAction) -> None:
         help="Zipf exponent of expert popularity (0: random routers); see model/skew.py",
     )
     p.add_argument("--skew-seed", type=int, default=0, help="which experts are hot, per layer")
+    p.add_argument("--no-vision", action="store_true", help="text only: no vision tower")
     p.set_defaults(func=_make_checkpoint)
 
 

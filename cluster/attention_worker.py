@@ -12,10 +12,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from ray.exceptions import RayError
 
 from attention.decoder import Llama4Decoder, load_non_expert_weights
+from attention.vision import VisionEncoder
 from cluster.membership import StoreAddress
 from cluster.rendezvous import ProcessGroupMember, first_line
+from cluster.vision_worker import resolve_features
 from engine.core import EngineConfig, EngineCore, RequestOutput
 from engine.request import Request
 from model.checkpoint import CheckpointReader, parse_dtype
@@ -59,17 +62,21 @@ class AttentionWorker(ProcessGroupMember):
         placement: Placement,
         engine_cfg: EngineConfig,
         device: str,
+        load_vision: bool = True,
     ) -> None:
+        """`load_vision`: encode the images of this rank's requests here (no vision tier)."""
         super().__init__(device)
         self.dp_rank = dp_rank
         dtype = parse_dtype(engine_cfg.dtype)
         with CheckpointReader(Path(model_dir)) as reader:
             cfg = reader.config
             weights = load_non_expert_weights(reader, dtype)
+            has_vision = load_vision and reader.has_vision
+            vision = VisionEncoder.from_checkpoint(reader, dtype, self.device) if has_vision else None
         self.moe_layers = cfg.moe_layers
         self.dispatcher = AttentionDispatcher(layout, placement, cfg.moe_layers, dp_rank, self.device)
         decoder = Llama4Decoder(cfg, weights, self.dispatcher)
-        self.core = EngineCore(cfg, decoder, engine_cfg, Tokenizer(model_dir))
+        self.core = EngineCore(cfg, decoder, engine_cfg, Tokenizer(model_dir), vision=vision)
         self._admitted_step = -1
 
     def join_epoch(
@@ -131,9 +138,11 @@ class AttentionWorker(ProcessGroupMember):
             self.core.abort(request_id)
         for request in step.new_requests:
             try:
-                self.core.add_request(request)
+                self.core.add_request(resolve_features(request))
             except ValueError as e:
                 rejected.append((request.request_id, str(e)))
+            except RayError as e:  # its images' encoding failed (a vision worker died or raised)
+                rejected.append((request.request_id, f"encoding its images failed: {e}"))
         return rejected
 
     def load_routers(self, model_dir: str) -> None:

@@ -50,6 +50,8 @@ class ClusterConfig:
     # load statistics are always collected; enabled=False keeps the static placement
     rebalance: RebalanceConfig = field(default_factory=lambda: RebalanceConfig(enabled=False))
     faults: FaultTolerance = field(default_factory=FaultTolerance)
+    # vision-encoder actors (one device each); 0: each attention worker encodes its own requests
+    num_vision_workers: int = 0
 
     def __post_init__(self) -> None:
         if self.num_attention_workers < 1:
@@ -66,12 +68,15 @@ class ClusterConfig:
             raise ValueError(
                 f"unknown placement strategy {self.placement_strategy!r} (allowed: {', '.join(STRATEGIES)})"
             )
+        if self.num_vision_workers < 0:
+            raise ValueError(f"vision workers must be >= 0, got {self.num_vision_workers}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus per worker must be > 0, got {self.cpus_per_worker}")
 
     @property
     def num_workers(self) -> int:
-        return self.num_attention_workers + self.num_expert_workers
+        """Every actor with a bundle of its own: attention ranks, expert workers, vision workers."""
+        return self.num_attention_workers + self.num_expert_workers + self.num_vision_workers
 
     def plan(self, model: ModelConfig) -> tuple[RankLayout, Placement]:
         """The world's rank layout and the initial placement map for this model."""

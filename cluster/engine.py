@@ -35,11 +35,14 @@ from cluster.placement_groups import bundles_in, reserve
 from cluster.rebalancer import Rebalancer
 from cluster.recovery import ClusterUnavailable, FaultStats, Recovery, StepOutcome, await_step
 from cluster.resize import Bundle, Resizer
+from cluster.vision_worker import VisionTier, VisionWorker
+from engine.autoscale import AutoscalerConfig, Decision, TierAutoscaler
 from engine.core import EngineConfig, RequestOutput, check_fits
 from engine.data_parallel import RequestBook
 from engine.protocol import Completion, generate
 from engine.request import FinishReason, SamplingParams
 from model.config import ModelConfig
+from model.image_processing import ProcessedImage
 from router.nodes import spread_over_nodes
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,9 @@ class ClusterEngine:
         self.rebalancer: Rebalancer | None = None
         self.faults = FaultStats()
         self.board: HeaderBoard | None = None
+        self.vision: VisionTier | None = None  # None: attention workers encode their own images
+        self.autoscaler = TierAutoscaler(AutoscalerConfig())  # off until `configure` turns it on
+        self.last_decision = ""
         try:
             self._start()
         except BaseException:
@@ -112,7 +118,13 @@ class ClusterEngine:
         attn_cls, expert_cls = ray.remote(AttentionWorker), ray.remote(ExpertWorker)
         self.attention = [
             attn_cls.options(**placed[r].options()).remote(
-                self.model_dir, r, self.layout, self.placement, self.engine_cfg, c.device
+                self.model_dir,
+                r,
+                self.layout,
+                self.placement,
+                self.engine_cfg,
+                c.device,
+                load_vision=c.num_vision_workers == 0,
             )
             for r in range(m)
         ]
@@ -125,11 +137,29 @@ class ClusterEngine:
         workers = self.attention + self.experts
         self._where = {}
         ray.get(self.track(workers))
-        self.resizer = Resizer(self, {self.key(w): b for w, b in zip(workers, placed, strict=True)})
+        self.resizer = Resizer(
+            self, {self.key(w): b for w, b in zip(workers, placed[: len(workers)], strict=True)}
+        )
         self.board = HeaderBoard(ray.util.get_node_ip_address())
         self.recovery = Recovery(self)
         self.recovery.join(self.board.new_epoch())
         self.rebalancer = Rebalancer(self.placement, c.rebalance, self.experts, self.expert_nodes)
+        self._start_vision(placed[m + c.num_expert_workers :])
+
+    def _start_vision(self, bundles: list[Bundle]) -> None:
+        """The vision-encoder tier, in the bundles after the expert workers'. A vision worker holds
+        no request state, so Ray restarts one that dies and retries its calls."""
+        if not bundles:
+            return
+        vision_cls = ray.remote(max_restarts=3, max_task_retries=2)(VisionWorker)
+        workers = [
+            vision_cls.options(**b.options()).remote(
+                self.model_dir, v, self.engine_cfg.dtype, self.cluster.device
+            )
+            for v, b in enumerate(bundles)
+        ]
+        ray.get([w.stats.remote() for w in workers])  # loaded (a checkpoint without a tower fails here)
+        self.vision = VisionTier(workers)
 
     def track(self, workers: list) -> list[ray.ObjectRef]:
         """Learn where workers run (refs that complete once each worker is constructed): a hung
@@ -159,22 +189,32 @@ class ClusterEngine:
     # -- requests -------------------------------------------------------------------------
 
     def add(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        images: Sequence[ProcessedImage] = (),
     ) -> str:
         """Queue a request; one that can never run (too long for the context or for one attention
-        worker's KV cache) raises ValueError with the numbers."""
+        worker's KV cache) raises ValueError with the numbers. `images`: encoded by the vision
+        tier (its request reaches its rank once they are), or by its attention rank without one."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.book:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: prompt must hold at least one token")
         check_fits(self.model_cfg, self.engine_cfg, len(prompt_token_ids), params.max_tokens)
-        self.book.add(request_id, prompt_token_ids, params)
+        hold = bool(images) and self.vision is not None
+        rank = self.book.add(request_id, prompt_token_ids, params, images, hold=hold)
+        if hold:
+            self.vision.add(self.book.request(request_id), rank)
         return request_id
 
     def abort(self, request_id: str) -> None:
         """Forget the request now; its rank frees its blocks at the next step."""
         self.book.abort(request_id)
+        if self.vision is not None:
+            self.vision.discard(request_id)
 
     @property
     def has_unfinished(self) -> bool:
@@ -200,6 +240,8 @@ class ClusterEngine:
             self.resizer.poll(timeout_s=0.0 if self.book.has_work else 0.05)
         if not self.book.has_work:
             return []
+        if self.vision is not None and not self._take_encoded():
+            return []
         outputs: list[RequestOutput] = []
         for attempt in range(self.cluster.faults.max_recoveries_per_step + 1):
             outcome = self._step_once()
@@ -213,6 +255,17 @@ class ClusterEngine:
             f"a step failed {self.cluster.faults.max_recoveries_per_step + 1} times in a row; giving up"
         )
 
+    def _take_encoded(self) -> bool:
+        """Send new images to the vision tier and release the requests whose features are ready;
+        False when nothing but encodings is in flight (then it waits a moment for one)."""
+        self.vision.submit()
+        for request, _ in self.vision.ready():
+            self.book.release(request.request_id, request.image_features)
+        if len(self.book) == self.book.num_held and not self.book.has_aborts:
+            self.vision.wait(timeout_s=0.05)
+            return False
+        return True
+
     def _step_once(self) -> StepOutcome:
         step_id = next(self._step_ids)
         rebalancing = self.rebalancer is not None and not self.resizer.busy
@@ -225,7 +278,56 @@ class ClusterEngine:
         outcome = await_step(self, refs)
         if not outcome.failed and rebalancing:
             self.rebalancer.after_step(step_id, outcome.results)
+        if not outcome.failed:
+            self._measure(outcome.results)
         return outcome
+
+    def _measure(self, results: list[StepResult]) -> None:
+        routed = sum(int(r.slot_load.sum()) for r in results if r.slot_load is not None)
+        kv = max((r.kv_blocks_used / max(r.kv_blocks_total, 1) for r in results), default=0.0)
+        self.autoscaler.window.add_step(
+            routed, len(self.model_cfg.moe_layers), kv, sum(r.num_waiting for r in results)
+        )
+
+    # -- tiers ------------------------------------------------------------------------------
+
+    def configure(
+        self,
+        num_attention: int | None = None,
+        num_expert: int | None = None,
+        drain: bool = True,
+        autoscaler: AutoscalerConfig | None = None,
+    ) -> None:
+        """Operators' control (Serve's `reconfigure`): tier sizes to resize to, and the tier
+        autoscaler's settings. Bad values raise ValueError and change nothing."""
+        if autoscaler is not None and autoscaler.enabled:
+            top = self.model_cfg.num_local_experts
+            if autoscaler.expert.max_workers > top:
+                raise ValueError(
+                    f"autoscaler: max expert workers {autoscaler.expert.max_workers} exceeds the "
+                    f"{top} experts"
+                )
+        if num_attention is not None or num_expert is not None:
+            self.resize(num_attention or len(self.attention), num_expert or len(self.experts), drain)
+        if autoscaler is not None:
+            self.autoscaler = TierAutoscaler(autoscaler)
+
+    def autoscale(self, now_s: float) -> Decision | None:
+        """Measure the interval since the last call and let the tier autoscaler decide; resize
+        when it asks for other sizes. The decision made, or None (off, or a resize in flight);
+        `autoscaler.history` keeps what it saw."""
+        if not self.autoscaler.cfg.enabled:
+            return None
+        busy = self.resizer.busy
+        decision = self.autoscaler.tick(now_s, len(self.attention), len(self.experts), resizing=busy)
+        if decision is not None:
+            self.last_decision = decision.reason
+            log.warning("tier autoscaler: %s", decision.reason)
+            try:
+                self.resize(decision.num_attention, decision.num_expert)
+            except ValueError as e:  # e.g. no resources for another worker now: try again later
+                log.warning("tier autoscaler cannot resize: %s", e)
+        return None if busy else self.autoscaler.history[-1].decision
 
     def _accept(self, results: list[StepResult]) -> list[RequestOutput]:
         """The outputs of the ranks whose step completed (a failed rank replays its step)."""
@@ -238,6 +340,10 @@ class ClusterEngine:
                     outputs.append(RequestOutput(request_id, (), True, FinishReason.ABORT, 0, 0))
                     log.warning("request %s rejected: %s", request_id, reason)
             outputs += self.book.record(result.outputs)
+        if self.vision is not None:
+            for out in outputs:
+                if out.finished:
+                    self.vision.forget(out.request_id)
         return outputs
 
     def metrics(self) -> dict[str, Any]:
@@ -261,9 +367,12 @@ class ClusterEngine:
         return figures
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        images: Sequence[Sequence[ProcessedImage]] | None = None,
     ) -> list[Completion]:
-        return generate(self, prompts, params)
+        return generate(self, prompts, params, images)
 
     def load_routers(self, model_dir: str | Path) -> None:
         """Every attention rank swaps in another checkpoint's router weights between two steps
@@ -276,6 +385,7 @@ class ClusterEngine:
         return {
             "attention": ray.get([w.stats.remote() for w in self.attention]),
             "experts": ray.get([w.stats.remote() for w in self.experts]),
+            "vision": self.vision.stats() if self.vision is not None else [],
         }
 
     def kill(self, worker) -> None:
@@ -300,8 +410,9 @@ class ClusterEngine:
         except Exception as e:  # a dead worker must not keep the rest alive
             log.warning("clean stop failed (%s); killing the workers", e)
         self.loops = []
-        for actor in self.attention + self.experts:
+        for actor in self.attention + self.experts + (self.vision.workers if self.vision else []):
             ray.kill(actor)
+        self.vision = None
         if getattr(self, "resizer", None) is not None:
             self.resizer.release_all()
         if self.rebalancer is not None:
@@ -328,6 +439,7 @@ def generate_on_cluster(
     engine_cfg: EngineConfig,
     cluster: ClusterConfig,
     address: str | None,
+    images: Sequence[Sequence[ProcessedImage]] | None = None,
 ) -> list[Completion]:
     with ClusterEngine(model_dir, cluster, engine_cfg, address) as engine:
-        return engine.generate(prompts, params)
+        return engine.generate(prompts, params, images)

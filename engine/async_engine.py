@@ -40,6 +40,7 @@ class _Add:
     params: SamplingParams
     outputs: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    images: tuple = ()  # model.image_processing.ProcessedImage
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,14 @@ class AsyncEngine:
         return self._thread.is_alive() and self.error is None
 
     async def generate(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        images: Sequence = (),
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as they are produced; the last one has finished=True."""
+        """Outputs of one request as they are produced; the last one has finished=True.
+        `images`: the prompt's `ProcessedImage`s (see `Engine.add`)."""
         if not self.alive:
             raise EngineDeadError(f"the engine is not running: {self.reason}")
         if len(self._streams) + self._commands.qsize() >= self.max_pending:
@@ -92,7 +98,9 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         outputs: asyncio.Queue = asyncio.Queue()
         self._commands.put(
-            _Add(request_id, list(prompt_token_ids), params, outputs, asyncio.get_running_loop())
+            _Add(
+                request_id, list(prompt_token_ids), params, outputs, asyncio.get_running_loop(), tuple(images)
+            )
         )
         finished = False
         try:
@@ -163,7 +171,10 @@ class AsyncEngine:
                 self.engine.abort(cmd.request_id)
             return
         try:
-            self.engine.add(cmd.prompt, cmd.params, cmd.request_id)
+            if cmd.images:
+                self.engine.add(cmd.prompt, cmd.params, cmd.request_id, images=cmd.images)
+            else:
+                self.engine.add(cmd.prompt, cmd.params, cmd.request_id)
         except ValueError as e:
             self._send(cmd, e)
             return

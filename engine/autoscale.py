@@ -105,6 +105,42 @@ class Decision:
         return (self.num_attention, self.num_expert) != (m.num_attention, m.num_expert)
 
 
+class TierWindow:
+    """The figures `decide` reads, summed over the steps since the last measurement: the one
+    reduction the cluster engine (from its workers' step results) and the simulator (from its
+    priced steps) both use."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._steps = 0
+        self._routed = 0.0
+        self._kv_usage = 0.0
+        self._waiting = 0
+
+    def add_step(self, routed_rows: float, num_moe_layers: int, kv_usage: float, num_waiting: int) -> None:
+        """One step: rows routed over all MoE layers and attention ranks, the busiest rank's KV
+        usage, requests waiting over all ranks."""
+        self._steps += 1
+        self._routed += routed_rows / max(num_moe_layers, 1)
+        self._kv_usage = max(self._kv_usage, kv_usage)
+        self._waiting = num_waiting
+
+    def take(self, time_s: float, num_attention: int, num_expert: int) -> Measurements:
+        """The measurements of the steps since the last call (an idle interval reads as zero load)."""
+        m = Measurements(
+            time_s,
+            num_attention,
+            num_expert,
+            self._routed / self._steps if self._steps else 0.0,
+            self._kv_usage,
+            self._waiting,
+        )
+        self._reset()
+        return m
+
+
 def decide(cfg: AutoscalerConfig, m: Measurements, state: State) -> tuple[Decision, State]:
     """The tier sizes to have now, and the state to pass to the next call."""
     expert_dir, expert_why = _expert_direction(cfg, m)
@@ -161,3 +197,38 @@ def _tier(
     if now - s.since_s < delay or now - s.last_resize_s < cfg.cooldown_s:
         return current, s
     return current + direction, TierState(0, now, now)
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One interval of the autoscaler: what it saw and what it decided (None: it did not decide
+    because a resize was in flight)."""
+
+    measurements: Measurements
+    decision: Decision | None
+
+
+class TierAutoscaler:
+    """The control loop around `decide`, the one both the cluster engine and the simulator run:
+    steps go into the window, each interval's measurements into `decide`, and a decision that
+    changes the sizes comes out. While a resize is in flight the interval is measured but not
+    decided (the state is kept, so the cooldown starts at a resize that happened)."""
+
+    def __init__(self, cfg: AutoscalerConfig, history: int = 1024) -> None:
+        self.cfg = cfg
+        self.state = State()
+        self.window = TierWindow()
+        self.history: list[Tick] = []
+        self._history_len = history
+
+    def tick(
+        self, time_s: float, num_attention: int, num_expert: int, resizing: bool = False
+    ) -> Decision | None:
+        """The interval since the last tick; the new sizes when they change, else None."""
+        m = self.window.take(time_s, num_attention, num_expert)
+        decision = None
+        if not resizing:
+            decision, self.state = decide(self.cfg, m, self.state)
+        self.history.append(Tick(m, decision))
+        del self.history[: -self._history_len]
+        return decision if decision is not None and decision.changes(m) else None

@@ -13,17 +13,20 @@ from dataclasses import dataclass, field
 import torch
 
 from attention.decoder import Llama4Decoder
-from attention.paged import KVPool, SeqChunk, build_batch
+from attention.paged import ImageRows, KVPool, SeqChunk, build_batch
+from attention.vision import VisionEncoder
 from engine.detokenizer import IncrementalDetokenizer
 from engine.guided import GuidedDecoding
 from engine.kv_cache import KVCacheManager
 from engine.logits import ROWS_PER_SLICE, TokenLogprob, process, token_logprobs
+from engine.multimodal import RequestImages
 from engine.request import FinishReason, Request
 from engine.sampling import new_seed, sample
 from engine.scheduler import KVCacheTooSmallError, Scheduler, SchedulerConfig, SchedulerOutput
 from model.checkpoint import parse_dtype
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
+from model.vision_config import PATCH
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +100,17 @@ class EngineCore:
         decoder: Llama4Decoder,
         engine_cfg: EngineConfig,
         tokenizer: Tokenizer | None = None,
+        vision: VisionEncoder | None = None,
+        image_token_id: int = PATCH,
     ) -> None:
+        """`vision`: encodes the pixels of requests that bring images rather than features (None:
+        such requests are refused)."""
         self.cfg = cfg
         self.decoder = decoder
         self.engine_cfg = engine_cfg
         self.tokenizer = tokenizer
+        self.vision = vision
+        self.image_token_id = image_token_id
         dtype = parse_dtype(engine_cfg.dtype)
         self.pool = KVPool(
             engine_cfg.num_kv_blocks, engine_cfg.block_size, cfg.num_key_value_heads, cfg.head_dim, dtype
@@ -120,6 +129,7 @@ class EngineCore:
         self._requests: dict[str, Request] = {}
         self._prompt_lp_next: dict[str, int] = {}  # next prompt index whose logprob is due
         self._guided: GuidedDecoding | None = None  # made for the first guided request
+        self._images: dict[str, RequestImages] = {}
         self._pending: SchedulerOutput | None = None  # a step that ran into an error, to replay
         self._deferred_aborts: list[str] = []
 
@@ -129,10 +139,13 @@ class EngineCore:
         check_fits(self.cfg, self.engine_cfg, len(request.prompt_token_ids), request.params.max_tokens)
         if (request.params.stop or request.params.guided) and self.tokenizer is None:
             raise ValueError("stop strings and guided decoding need a tokenizer")
+        images = self._place_images(request)
         if request.params.guided is not None:
             self._guided = self._guided or GuidedDecoding(self.tokenizer, self.cfg.vocab_size)
             self._guided.add(request.request_id, request.params.guided, request.output_token_ids)
         self.scheduler.add(request)
+        if images is not None:
+            self._images[request.request_id] = images
         self._requests[request.request_id] = request
         seed = request.params.seed
         self._seeds[request.request_id] = seed if seed is not None else new_seed()
@@ -227,8 +240,41 @@ class EngineCore:
             self._prompt_lp_next[rid] = max(self._prompt_lp_next.get(rid, 0), upto)
         return _output(request, new, logprobs, tuple(prompt))
 
+    def _place_images(self, request: Request) -> RequestImages | None:
+        """The request's image features (encoded here when it brings pixels), on the decoder's
+        device and dtype, paired with its `<|patch|>` positions."""
+        if not request.images and request.image_features is None:
+            return None
+        features = request.image_features
+        if features is None:
+            if self.vision is None:
+                raise ValueError(
+                    f"request {request.request_id!r} has images, but this engine has no vision encoder "
+                    "(the checkpoint has no vision tower)"
+                )
+            features = torch.cat(self.vision.encode_images(request.images))
+        if not isinstance(features, torch.Tensor):
+            raise ValueError(f"request {request.request_id!r}: image features must be a tensor")
+        embed = self.decoder.weights.embed
+        features = features.to(embed.device, embed.dtype)
+        placed = RequestImages.place(request.prompt_token_ids, features, self.image_token_id)
+        request.images, request.image_features = (), features  # the pixels are not needed again
+        return placed
+
+    def _image_rows(self, request_id: str, start: int, num_tokens: int) -> ImageRows | None:
+        images = self._images.get(request_id)
+        return None if images is None else images.rows(start, start + num_tokens)
+
     def _execute(self, sched: SchedulerOutput) -> StepSamples:
-        chunks = [SeqChunk(c.request_id, c.token_ids, c.start_pos) for c in sched.chunks]
+        chunks = [
+            SeqChunk(
+                c.request_id,
+                c.token_ids,
+                c.start_pos,
+                self._image_rows(c.request_id, c.start_pos, len(c.token_ids)),
+            )
+            for c in sched.chunks
+        ]
         batch = build_batch(
             chunks,
             self.kv.block_table,
@@ -307,6 +353,7 @@ class EngineCore:
         self._seeds.pop(request_id, None)
         self._stops.pop(request_id, None)
         self._requests.pop(request_id, None)
+        self._images.pop(request_id, None)
 
 
 def _output(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from engine.request import Request, SamplingParams
 from engine.sampling import new_seed
@@ -38,6 +38,9 @@ class _Entry:
     params: SamplingParams
     rank: int
     output: list[int] = field(default_factory=list)
+    images: tuple = ()  # pixels to encode, or ...
+    image_features: Any = None  # ... their features (a Ray object ref, in the cluster)
+    held: bool = False  # its images are being encoded: no rank has it yet
 
 
 @dataclass(frozen=True)
@@ -66,25 +69,56 @@ class RequestBook:
     def has_work(self) -> bool:
         return bool(self._entries) or any(self._aborts)
 
+    @property
+    def has_aborts(self) -> bool:
+        return any(self._aborts)
+
     def rank_of(self, request_id: str) -> int:
         return self._entries[request_id].rank
 
-    def add(self, request_id: str, prompt: Sequence[int], params: SamplingParams) -> int:
+    def add(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        images: Sequence[Any] = (),
+        hold: bool = False,
+    ) -> int:
         """Give a new request to the least loaded rank; returns the rank. A request that samples
-        gets a seed here if it has none, so a recompute anywhere draws the same tokens."""
+        gets a seed here if it has none, so a recompute anywhere draws the same tokens. `hold`:
+        it goes to its rank only at `release` (its images are being encoded)."""
         if request_id in self._entries:
             raise ValueError(f"request id {request_id!r} is already in use")
         if params.seed is None and params.temperature > 0:
             params = replace(params, seed=new_seed())
         rank = least_loaded_rank(self._unfinished_per_rank())
-        self._entries[request_id] = _Entry(list(prompt), params, rank)
-        self._new[rank].append(request_id)
+        self._entries[request_id] = _Entry(list(prompt), params, rank, images=tuple(images), held=hold)
+        if not hold:
+            self._new[rank].append(request_id)
         return rank
+
+    def request(self, request_id: str) -> Request:
+        """The request as a rank takes it: prompt, what it streamed so far, its images."""
+        return self._request(request_id)
+
+    def release(self, request_id: str, image_features: Any) -> None:
+        """A held request's features exist: it goes to its rank at the next step."""
+        entry = self._entries.get(request_id)
+        if entry is None or not entry.held:
+            return
+        entry.held, entry.images, entry.image_features = False, (), image_features
+        self._new[entry.rank].append(request_id)
+
+    @property
+    def num_held(self) -> int:
+        return sum(e.held for e in self._entries.values())
 
     def abort(self, request_id: str) -> None:
         """Forget a request; its rank frees its blocks at the next step (if it had it already)."""
         entry = self._entries.pop(request_id, None)
         if entry is None:
+            return
+        if entry.held:
             return
         if request_id in self._new[entry.rank]:
             self._new[entry.rank].remove(request_id)
@@ -147,7 +181,7 @@ class RequestBook:
             raise ValueError("no data-parallel rank survives")
         new_rank: Mapping[int, int] = {old: j for j, old in enumerate(survivors)}
         lost = set(lost)
-        moved = [rid for rid, e in self._entries.items() if e.rank in lost]
+        moved = [rid for rid, e in self._entries.items() if e.rank in lost and not e.held]
         self._new = [self._new[old] for old in survivors]
         self._aborts = [self._aborts[old] for old in survivors]
         self.num_ranks = len(survivors)
@@ -158,11 +192,21 @@ class RequestBook:
             rank = least_loaded_rank(self._unfinished_per_rank())
             self._entries[rid].rank = rank
             self._new[rank].append(rid)
+        for entry in self._entries.values():  # held ones go to a survivor when released
+            if entry.held and entry.rank < 0:
+                entry.rank = least_loaded_rank(self._unfinished_per_rank())
         return moved
 
     def _request(self, request_id: str) -> Request:
         entry = self._entries[request_id]
-        return Request(request_id, list(entry.prompt), entry.params, output_token_ids=list(entry.output))
+        return Request(
+            request_id,
+            list(entry.prompt),
+            entry.params,
+            output_token_ids=list(entry.output),
+            images=entry.images,
+            image_features=entry.image_features,
+        )
 
     def _unfinished_per_rank(self) -> list[int]:
         """Per rank, its unfinished requests (a draining rank counts as full)."""

@@ -12,26 +12,30 @@ from pathlib import Path
 from typing import Any
 
 from attention.decoder import Llama4Decoder, MoEBackend, load_non_expert_weights
+from attention.vision import VisionEncoder
 from engine.core import EngineConfig, EngineCore, RequestOutput
 from engine.protocol import Completion, generate
 from engine.request import Request, SamplingParams
 from experts.slots import LocalExperts
 from model.checkpoint import CheckpointReader, parse_dtype
+from model.image_processing import ProcessedImage
 from model.tokenizer import Tokenizer
 
 
 def build_local_core(
     model_dir: str | Path, engine_cfg: EngineConfig | None = None, experts: MoEBackend | None = None
 ) -> EngineCore:
-    """A colocated engine core from a checkpoint directory (experts local unless given)."""
+    """A colocated engine core from a checkpoint directory (experts local unless given); with a
+    vision tower in the checkpoint it encodes images in-process."""
     engine_cfg = engine_cfg or EngineConfig()
     dtype = parse_dtype(engine_cfg.dtype)
     with CheckpointReader(model_dir) as reader:
         weights = load_non_expert_weights(reader, dtype)
         experts = experts or LocalExperts.from_checkpoint(reader, dtype)
+        vision = VisionEncoder.from_checkpoint(reader, dtype) if reader.has_vision else None
         cfg = reader.config
     decoder = Llama4Decoder(cfg, weights, experts)
-    return EngineCore(cfg, decoder, engine_cfg, Tokenizer(model_dir))
+    return EngineCore(cfg, decoder, engine_cfg, Tokenizer(model_dir), vision=vision)
 
 
 class LLMEngine:
@@ -46,10 +50,15 @@ class LLMEngine:
         return cls(build_local_core(model_dir, engine_cfg))
 
     def add(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        images: Sequence[ProcessedImage] = (),
     ) -> str:
+        """`images`: the prompt's images, encoded here at admission (in-process)."""
         request_id = request_id or f"req-{next(self._ids)}"
-        self.core.add_request(Request(request_id, list(prompt_token_ids), params))
+        self.core.add_request(Request(request_id, list(prompt_token_ids), params, images=tuple(images)))
         return request_id
 
     def abort(self, request_id: str) -> None:
@@ -79,7 +88,10 @@ class LLMEngine:
         self.core = None
 
     def generate(
-        self, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+        self,
+        prompts: Iterable[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        images: Sequence[Sequence[ProcessedImage]] | None = None,
     ) -> list[Completion]:
         """Run a batch of prompts to completion; results in prompt order."""
-        return generate(self, prompts, params)
+        return generate(self, prompts, params, images)

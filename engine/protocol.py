@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from engine.core import RequestOutput
 from engine.request import FinishReason, SamplingParams
+from model.image_processing import ProcessedImage
 
 
 class EngineUnavailable(RuntimeError):
@@ -22,9 +23,14 @@ class EngineUnavailable(RuntimeError):
 @runtime_checkable
 class Engine(Protocol):
     def add(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        images: Sequence[ProcessedImage] = (),
     ) -> str:
-        """Queue a request; returns its id. A request that can never run raises ValueError."""
+        """Queue a request; returns its id. A request that can never run raises ValueError.
+        `images`: the prompt's images (its `<|image|>` placeholders already expanded)."""
         ...
 
     def abort(self, request_id: str) -> None:
@@ -63,15 +69,19 @@ class Completion:
 
 
 def generate(
-    engine: Engine, prompts: Iterable[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    engine: Engine,
+    prompts: Iterable[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams],
+    images: Sequence[Sequence[ProcessedImage]] | None = None,
 ) -> list[Completion]:
     """Run a batch of prompts to completion on any engine; results in prompt order. `params` is
-    one SamplingParams for all, or one per prompt."""
+    one SamplingParams for all, or one per prompt; `images`, if given, the images of each prompt."""
     prompts = [list(p) for p in prompts]
     per = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+    per_images = list(images) if images is not None else [()] * len(prompts)
     results = {}
-    for prompt, p in zip(prompts, per, strict=True):
-        request_id = engine.add(prompt, p)
+    for prompt, p, imgs in zip(prompts, per, per_images, strict=True):
+        request_id = engine.add(prompt, p, images=imgs) if imgs else engine.add(prompt, p)
         results[request_id] = Completion(request_id, prompt)
     while engine.has_unfinished:
         for out in engine.step():

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model.image_processing import ProcessedImage
 
 STOP_TOKEN_IDS_DEFAULT = (200001, 200007, 200008)
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
@@ -110,6 +114,12 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # Images of the prompt (its `<|image|>` placeholders already expanded): the pixels, encoded by
+    # the rank that admits the request, or their features, rows [P, H] for the prompt's P
+    # `<|patch|>` tokens (a torch tensor, or a handle such as a Ray object ref that the attention
+    # worker resolves before admission). Either one survives re-admission on another rank.
+    images: tuple[ProcessedImage, ...] = ()
+    image_features: Any = None
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
+from model.vision_config import VisionConfig
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -40,7 +41,11 @@ _LAYOUTS = (
     ("language_model.model.", "language_model.lm_head."),  # Llama4ForConditionalGeneration
     ("model.", "lm_head."),  # Llama4ForCausalLM
 )
-_SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.")
+# Vision tensors are named `vision_model.*` and `multi_modal_projector.*` at the top level, or one
+# level down (`model.vision_model.*`) where a checkpoint wraps the towers in a base model.
+VISION_NAMES = ("vision_model.", "multi_modal_projector.")
+_VISION_LAYOUTS = ("", "model.")
+_VISION_PROBE = "vision_model.patch_embedding.linear.weight"
 
 
 class CheckpointError(ValueError):
@@ -148,7 +153,8 @@ class CheckpointReader:
     """A Hugging Face Llama 4 checkpoint directory.
 
     Tensor names given to `tensor()` are canonical, without the layout prefix:
-    `embed_tokens.weight`, `layers.{i}.self_attn.q_proj.weight`, `norm.weight`, `lm_head.weight`.
+    `embed_tokens.weight`, `layers.{i}.self_attn.q_proj.weight`, `norm.weight`, `lm_head.weight`,
+    and for the vision tower `vision_model.*`, `multi_modal_projector.*`.
     """
 
     def __init__(self, directory: str | Path) -> None:
@@ -156,9 +162,16 @@ class CheckpointReader:
         if not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
         self.config = ModelConfig.from_file(self.directory)
+        self.vision_config = VisionConfig.from_file(self.directory)  # None: text only
         self._files: dict[str, SafetensorsFile] = {}
         self._where = self._weight_map()
         self._model_prefix, self._head_prefix = self._detect_layout()
+        self._vision_prefix = next((p for p in _VISION_LAYOUTS if p + _VISION_PROBE in self._where), None)
+
+    @property
+    def has_vision(self) -> bool:
+        """The checkpoint has a vision config and its tower's tensors."""
+        return self.vision_config is not None and self._vision_prefix is not None
 
     def _weight_map(self) -> dict[str, str]:
         index = self.directory / "model.safetensors.index.json"
@@ -170,15 +183,14 @@ class CheckpointReader:
             missing = sorted({f for f in weight_map.values() if not (self.directory / f).exists()})
             if missing:
                 raise CheckpointError(f"{self.directory}: shards named by the index do not exist: {missing}")
-            return {name: file for name, file in weight_map.items() if not name.startswith(_SKIPPED_PREFIXES)}
+            return dict(weight_map)
         single = self.directory / "model.safetensors"
         if not single.exists():
             raise CheckpointError(
                 f"{self.directory}: no model.safetensors or model.safetensors.index.json "
                 "(only safetensors is read)"
             )
-        names = self._file(single.name).entries
-        return {name: single.name for name in names if not name.startswith(_SKIPPED_PREFIXES)}
+        return dict.fromkeys(self._file(single.name).entries, single.name)
 
     def _detect_layout(self) -> tuple[str, str]:
         for model_prefix, head_prefix in _LAYOUTS:
@@ -198,6 +210,10 @@ class CheckpointReader:
         return self._files[filename]
 
     def _full_name(self, name: str) -> str:
+        if name.startswith(VISION_NAMES):
+            if self._vision_prefix is None:
+                raise CheckpointError(f"{self.directory}: no vision tower (no tensor {_VISION_PROBE!r})")
+            return f"{self._vision_prefix}{name}"
         if name == "lm_head.weight":
             return f"{self._head_prefix}weight"
         return f"{self._model_prefix}{name}"

@@ -1,5 +1,5 @@
-"""The presets: Llama 4-shaped text configs small enough for a 2-core CPU (`model.synthetic`
-makes random-weight checkpoints of them).
+"""The presets: Llama 4-shaped text configs and vision towers small enough for a 2-core CPU
+(`model.synthetic` makes random-weight checkpoints of them).
 
 Presets switch every architectural feature on at a size a 2-core CPU runs: the real vocabulary
 (202048, so the real tokenizer works), at least 8 layers (RoPE and NoPE layers both appear
@@ -83,7 +83,59 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The vision towers (`vision_config` of a Llama4Config): the real tile geometry (336-pixel tiles of
+# 14-pixel patches, pixel shuffle 0.5: 144 `<|patch|>` tokens per tile), so preprocessing and the
+# prompt expansion are the real ones, at a width a 2-core CPU encodes in milliseconds. transformers
+# builds the adapter's fc1 from `intermediate_size`, so that is 4 x hidden_size (as 5632 = 4 x 1408).
+_VISION_COMMON: dict[str, Any] = {
+    "model_type": "llama4_vision_model",
+    "hidden_act": "gelu",
+    "num_channels": 3,
+    "image_size": 336,
+    "patch_size": 14,
+    "norm_eps": 1e-5,
+    "pixel_shuffle_ratio": 0.5,
+    "multi_modal_projector_bias": False,
+    "projector_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "vision_feature_select_strategy": "default",
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+}
+TINY_VISION: dict[str, Any] = {
+    **_VISION_COMMON,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "projector_input_dim": 64,
+    "projector_output_dim": 64,
+    "vision_output_dim": 64,
+}
+BENCH_VISION: dict[str, Any] = {
+    **_VISION_COMMON,
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 512,
+    "projector_input_dim": 256,
+    "projector_output_dim": 256,
+    "vision_output_dim": 256,
+}
+VISION_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-maverick": TINY_VISION,
+    "tiny-scout": TINY_VISION,
+    "bench-maverick": BENCH_VISION,
+}
+
+
 def preset_config(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r} (allowed: {', '.join(PRESETS)})")
     return json.loads(json.dumps(PRESETS[name]))
+
+
+def preset_vision_config(name: str) -> dict[str, Any] | None:
+    """The preset's `vision_config`, or None for a text-only preset."""
+    preset_config(name)  # the same error for an unknown name
+    vision = VISION_PRESETS.get(name)
+    return None if vision is None else json.loads(json.dumps(vision))

@@ -21,6 +21,7 @@ HEADER_END = 200006
 EOM = 200007  # end of message: the model waits for a tool's result
 EOT = 200008
 PAD = 200018  # <|finetune_right_pad|>
+IMAGE = 200090  # <|image|>: an image part of a message; the processor expands it (model.image_processing)
 STOP_TOKEN_IDS = (200001, 200007, 200008)
 CHAT_ROLES = ("system", "user", "assistant", "ipython", "tool")
 # Llama 4's pythonic tool calling: the functions are listed as JSON in the system prompt and the
@@ -75,7 +76,9 @@ class Tokenizer:
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """`<|begin_of_text|>` then `<|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>` per
-        message, then `<|header_start|>assistant<|header_end|>\\n\\n` for the reply.
+        message, then `<|header_start|>assistant<|header_end|>\\n\\n` for the reply. A content may
+        also be a list of parts, `{"type": "text", "text": ...}` or `{"type": "image"}` (one
+        `<|image|>` each, as transformers' Llama 4 template writes them).
 
         `tools` (each `{name, description, parameters}`) go into the system message, after the
         caller's own system text. An assistant message's `tool_calls` (each `{name, arguments}`,
@@ -89,17 +92,35 @@ class Tokenizer:
             role, content = m.get("role"), m.get("content")
             if role not in CHAT_ROLES:
                 raise ValueError(f"messages[{i}].role is {role!r}; allowed: {', '.join(CHAT_ROLES)}")
-            if not isinstance(content, str):
-                raise ValueError(f"messages[{i}].content must be a string")
             calls = m.get("tool_calls") or ()
-            if calls:
+            if calls and isinstance(content, str):
                 content += format_tool_calls(calls)
+            elif calls and isinstance(content, Sequence):
+                content = [*content, {"type": "text", "text": format_tool_calls(calls)}]
             header = self._header("ipython" if role == "tool" else role)
             end = EOM if calls or role in ("tool", "ipython") else EOT
-            ids += header + list(self._encode("\n\n" + content)) + [end]
+            ids += header + self._content_ids(i, content) + [end]
         if add_generation_prompt:
             ids += self._header("assistant") + list(self._encode("\n\n"))
         return ids
+
+    def _content_ids(self, i: int, content: object) -> list[int]:
+        if isinstance(content, str):
+            return list(self._encode("\n\n" + content))
+        if not isinstance(content, Sequence):
+            raise ValueError(f"messages[{i}].content must be a string or a list of parts")
+        ids, text = [], "\n\n"
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                text += part["text"]
+            elif kind == "image":
+                ids += list(self._encode(text)) if text else []
+                ids.append(IMAGE)
+                text = ""
+            else:
+                raise ValueError(f"messages[{i}].content[{j}] must be a text part or an image part")
+        return ids + (list(self._encode(text)) if text else [])
 
     def _header(self, role: str) -> list[int]:
         return [HEADER_START, *self._encode(role), HEADER_END]

@@ -30,6 +30,8 @@ from serving.engine_server import EngineServer, EngineSpec
 from serving.frontend import Frontend, IngressSpec
 from serving.grpc_service import GrpcService
 from serving.http_routes import OpenAIRoutes
+from serving.media import MediaConfig
+from serving.tiers import TierControl
 
 REPLICA_CPUS = 0.01  # the engine replica only drives its workers (disaggregated layout)
 API_KEY_ENV = "LLAMA4_EP_API_KEY"  # the API key when the config gives none
@@ -109,6 +111,28 @@ class RebalanceArgs(BaseModel):
         return RebalanceConfig(**self.model_dump())
 
 
+class MediaArgs(BaseModel):
+    """Where a request's images may come from, how many and how large (see `serving.media`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_images_per_prompt: int = Field(8, ge=1)
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="encoded size of one image")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width x height of one image")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="fetching one http(s) image URL")
+    allow_http: bool = Field(True, description="fetch http(s) image URLs (data: URLs are always taken)")
+    allowed_media_domains: list[str] | None = Field(
+        None, description="hosts images are fetched from; None: any"
+    )
+    allowed_local_media_path: str | None = Field(
+        None, description="file:// image URLs below this folder only; None: no local files"
+    )
+
+    def to_config(self) -> MediaConfig:
+        fields = self.model_dump()
+        domains = fields.pop("allowed_media_domains")
+        return MediaConfig(**fields, allowed_media_domains=None if domains is None else tuple(domains))
+
+
 class ServeAppConfig(BaseModel):
     """The application's arguments (the `args:` block of serve_config.yaml)."""
 
@@ -118,6 +142,10 @@ class ServeAppConfig(BaseModel):
     attention_workers: int = Field(1, ge=1)
     expert_workers: int = Field(2, ge=0, description="0: the single-process (colocated) engine")
     redundant_slots: int = Field(0, ge=0, description="expert slots per worker beyond experts / workers")
+    vision_workers: int = Field(
+        0, ge=0, description="vision-encoder actors per engine replica; 0: the attention workers encode"
+    )
+    media: MediaArgs = Field(default_factory=MediaArgs)
     rebalance: RebalanceArgs = Field(default_factory=RebalanceArgs)
     device: Literal["cpu", "cuda"] = "cpu"
     cpus_per_worker: float | None = Field(None, gt=0, description="None: share the cluster's CPUs")
@@ -139,6 +167,10 @@ class ServeAppConfig(BaseModel):
     )
     strict_requests: bool = Field(False, description="unknown request fields: 400 instead of a warning")
     allowed_origins: list[str] = Field(default_factory=list, description="CORS origins; [] off, ['*'] any")
+    tiers: TierControl = Field(
+        default_factory=TierControl,
+        description="the engine deployment's initial user_config: tier sizes and the tier autoscaler",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ServeAppConfig":
@@ -146,7 +178,16 @@ class ServeAppConfig(BaseModel):
             raise ValueError("max_queued_requests must be -1 (no limit) or >= 1")
         if self.expert_workers == 0 and (self.redundant_slots or self.rebalance.enabled):
             raise ValueError("redundant_slots and rebalance need expert workers (expert_workers >= 1)")
+        t = self.tiers
+        if self.expert_workers == 0 and (t.attention_workers or t.expert_workers or t.autoscaler.enabled):
+            raise ValueError("tiers need the cluster engine (expert_workers >= 1)")
+        if self.expert_workers == 0 and self.vision_workers:
+            raise ValueError(
+                "vision_workers need the disaggregated engine (expert_workers >= 1); "
+                "the single-process engine encodes images in-process"
+            )
         self.engine.to_config()  # EngineConfig's own checks (dtype, ...)
+        self.media.to_config()
         self.cluster_config()
         return self
 
@@ -154,8 +195,10 @@ class ServeAppConfig(BaseModel):
         """One engine replica's workers, in words (what `serve` and `experiment` print)."""
         if self.expert_workers == 0:
             return "single-process engine"
+        n = self.vision_workers
+        vision = f" + {n} vision worker{'s' if n > 1 else ''}" if n else ""
         return (
-            f"{self.attention_workers} attention + {self.expert_workers} expert workers, "
+            f"{self.attention_workers} attention + {self.expert_workers} expert workers{vision}, "
             f"{self.redundant_slots} redundant slots per worker, "
             f"rebalancing {'on' if self.rebalance.enabled else 'off'}"
         )
@@ -164,6 +207,13 @@ class ServeAppConfig(BaseModel):
     def model_name(self) -> str:
         """What clients put in `model` (needs `model` resolved: see `resolve_model`)."""
         return self.served_model_name or Path(self.model or "").name
+
+    def tier_control(self) -> dict[str, Any] | None:
+        """The engine deployment's initial user_config (`tiers`). Replicas start with
+        `attention_workers` and `expert_workers`; to resize them in place, override the
+        EngineServer deployment's user_config in the Serve config (`deployments:`): Serve then
+        calls `reconfigure` on the running replicas. Editing the args restarts them."""
+        return self.tiers.model_dump() if self.expert_workers else None
 
     def cluster_config(self) -> ClusterConfig | None:
         if self.expert_workers == 0:
@@ -175,6 +225,7 @@ class ServeAppConfig(BaseModel):
             device=self.device,
             cpus_per_worker=self.cpus_per_worker,
             rebalance=self.rebalance.to_config(),
+            num_vision_workers=self.vision_workers,
         )
 
 
@@ -251,13 +302,21 @@ def build_app(config: ServeAppConfig) -> Application:
     engine = EngineDeployment.options(
         max_ongoing_requests=config.max_ongoing_requests or config.max_pending + 32,
         max_queued_requests=config.max_queued_requests,
+        user_config=config.tier_control(),
         **scaling_options(config),
         **replica_resources(config, resources.get("CPU", 0.0), resources.get("GPU", 0.0)),
     ).bind(spec)
     name = config.model_copy(update={"model": model_dir}).model_name
     ingress = IngressDeployment.options(max_ongoing_requests=config.ingress_max_ongoing_requests)
     api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
-    spec = IngressSpec(model_dir, name, api_key, config.strict_requests, tuple(config.allowed_origins))
+    spec = IngressSpec(
+        model_dir,
+        name,
+        api_key,
+        config.strict_requests,
+        tuple(config.allowed_origins),
+        config.media.to_config(),
+    )
     return ingress.bind(engine, spec)
 
 

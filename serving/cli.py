@@ -12,6 +12,7 @@ import argparse
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -58,7 +59,23 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="re-plan expert replicas from the measured load while serving",
     )
+    p.add_argument(
+        "--tier-autoscaler",
+        action="store_true",
+        help="size each replica's expert and attention tiers from their load (bounds below)",
+    )
+    p.add_argument("--min-expert-workers", type=_count("--min-expert-workers", 1), default=1)
+    p.add_argument("--max-expert-workers", type=_count("--max-expert-workers", 1), default=8)
+    p.add_argument("--min-attention-workers", type=_count("--min-attention-workers", 1), default=1)
+    p.add_argument("--max-attention-workers", type=_count("--max-attention-workers", 1), default=4)
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="CPUs each worker reserves (default: share the cluster's); leave room to add workers",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="workers' device")
+    _add_image_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--http-port", type=_count("--http-port", 1), default=DEFAULT_HTTP_PORT)
     p.add_argument(
@@ -94,6 +111,49 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+def _add_image_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("images")
+    g.add_argument(
+        "--vision-workers",
+        type=_count("--vision-workers", 0),
+        default=0,
+        help="vision-encoder actors per engine replica (default 0: the attention workers encode)",
+    )
+    g.add_argument(
+        "--max-images-per-prompt",
+        type=_count("--max-images-per-prompt", 1),
+        default=8,
+        help="images one request may carry (default 8)",
+    )
+    g.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        help="serve file:// image URLs below this folder (default: no local files)",
+    )
+    g.add_argument(
+        "--allowed-media-domains",
+        default=None,
+        help="comma-separated hosts http(s) image URLs may name (default: any host)",
+    )
+    g.add_argument(
+        "--no-http-media", action="store_true", help="refuse http(s) image URLs (data: URLs still work)"
+    )
+    g.add_argument(
+        "--media-fetch-timeout", type=float, default=10.0, help="seconds per image URL (default 10)"
+    )
+
+
+def _media(args: argparse.Namespace) -> dict[str, Any]:
+    domains = args.allowed_media_domains
+    return {
+        "max_images_per_prompt": args.max_images_per_prompt,
+        "allowed_local_media_path": args.allowed_local_media_path,
+        "allowed_media_domains": [d.strip() for d in domains.split(",") if d.strip()] if domains else None,
+        "allow_http": not args.no_http_media,
+        "fetch_timeout_s": args.media_fetch_timeout,
+    }
+
+
 def add_client_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="send one request to a running server and stream the reply")
     p.add_argument("--grpc", action="store_true", help="use gRPC (default: HTTP)")
@@ -104,6 +164,9 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="raw text, tokenized with <|begin_of_text|>")
     src.add_argument("--chat", help="a user message, through the chat template")
+    p.add_argument(
+        "--image", action="append", default=None, help="an image file shown before --chat's text (repeatable)"
+    )
     p.add_argument("--max-tokens", type=_count("--max-tokens", 1), default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=None)
@@ -133,11 +196,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         expert_workers=args.expert_workers,
         redundant_slots=args.redundant_slots,
         rebalance={"enabled": args.rebalance},
+        tiers={
+            "autoscaler": {
+                "enabled": args.tier_autoscaler,
+                "min_expert_workers": args.min_expert_workers,
+                "max_expert_workers": args.max_expert_workers,
+                "min_attention_workers": args.min_attention_workers,
+                "max_attention_workers": args.max_attention_workers,
+            }
+        },
+        cpus_per_worker=args.cpus_per_worker,
         device=args.device,
         max_pending=args.max_pending,
         api_key=args.api_key,
         strict_requests=args.strict_requests,
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
+        vision_workers=args.vision_workers,
+        media=_media(args),
     )
     ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     _stop_on_signals()  # after ray.init, which installs a SIGTERM handler of its own
@@ -194,6 +269,16 @@ def _print_where(args: argparse.Namespace, config: Any) -> None:
 
 def _cmd_client(args: argparse.Namespace) -> int:
     port = args.port or (DEFAULT_GRPC_PORT if args.grpc else DEFAULT_HTTP_PORT)
+    images = []
+    for path in args.image or []:
+        try:
+            images.append(Path(path).read_bytes())
+        except OSError as e:
+            print(f"llama4-ep client: --image {path!r}: {e.strerror}", file=sys.stderr)
+            return 2
+    if images and not args.chat:
+        print("llama4-ep client: --image goes with --chat", file=sys.stderr)
+        return 2
     kwargs = {
         "prompt": args.prompt,
         "chat": args.chat,
@@ -203,6 +288,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         "top_k": args.top_k,
         "seed": args.seed,
         "stop": args.stop,
+        "images": images,
     }
     client = GRPCClient(f"{args.host}:{port}") if args.grpc else HTTPClient(f"http://{args.host}:{port}")
     result = Completion()

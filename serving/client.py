@@ -6,12 +6,14 @@
     with GRPCClient("127.0.0.1:9000") as c:
         print(c.generate(chat="Hi", max_tokens=16).text)
 
-Give exactly one of `prompt` (text), `prompt_token_ids` or `chat` (one user message).
-Errors come back as `ServerError` with the status and the server's message.
+Give exactly one of `prompt` (text), `prompt_token_ids` or `chat` (one user message); `images`
+(encoded bytes, shown before the chat's text) go with `chat`. Errors come back as `ServerError`
+with the status and the server's message.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,11 +42,23 @@ class Completion:
     usage: dict[str, int] = field(default_factory=dict)
 
 
-def _one_input(prompt: str | None, prompt_token_ids: Sequence[int] | None, chat: str | None) -> str:
+def _one_input(
+    prompt: str | None, prompt_token_ids: Sequence[int] | None, chat: str | None, images: Sequence[bytes] = ()
+) -> str:
     given = [n for n, v in (("prompt", prompt), ("prompt_token_ids", prompt_token_ids), ("chat", chat)) if v]
     if len(given) != 1:
         raise ValueError(f"give exactly one of prompt, prompt_token_ids or chat (got {given or 'none'})")
+    if images and given[0] != "chat":
+        raise ValueError("images go with a chat message")
     return given[0]
+
+
+def data_url(image: bytes) -> str:
+    """An image's bytes as a base64 `data:` URL (the type read off its first bytes)."""
+    kinds = ((b"\x89PNG", "png"), (b"\xff\xd8", "jpeg"), (b"GIF8", "gif"), (b"RIFF", "webp"))
+    kind = next((k for magic, k in kinds if image.startswith(magic)), "octet-stream")
+    media = "application/octet-stream" if kind == "octet-stream" else f"image/{kind}"
+    return f"data:{media};base64,{base64.b64encode(image).decode()}"
 
 
 class HTTPClient:
@@ -102,14 +116,19 @@ class HTTPClient:
         prompt: str | None = None,
         prompt_token_ids: Sequence[int] | None = None,
         chat: str | None = None,
+        images: Sequence[bytes] = (),
         **sampling: Any,
     ) -> tuple[str, dict[str, Any]]:
-        kind = _one_input(prompt, prompt_token_ids, chat)
+        kind = _one_input(prompt, prompt_token_ids, chat, images)
         body = {"model": self.model, "stream": stream, **{k: v for k, v in sampling.items() if v is not None}}
         if stream:
             body["stream_options"] = {"include_usage": True}
         if kind == "chat":
-            return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": chat}]}
+            content: Any = chat
+            if images:
+                parts = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+                content = [*parts, {"type": "text", "text": chat}]
+            return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": content}]}
         return "/v1/completions", {**body, "prompt": prompt if kind == "prompt" else list(prompt_token_ids)}
 
     @staticmethod
@@ -179,10 +198,11 @@ def request(
     prompt_token_ids: Sequence[int] | None = None,
     chat: str | None = None,
     stop: Sequence[str] | str | None = None,
+    images: Sequence[bytes] = (),
     **sampling: Any,
 ) -> Any:
     """A `GenerateRequest` message; unset sampling fields stay unset (server defaults)."""
-    kind = _one_input(prompt, prompt_token_ids, chat)
+    kind = _one_input(prompt, prompt_token_ids, chat, images)
     msg = pb.GenerateRequest(**{k: v for k, v in sampling.items() if v is not None})
     if stop:
         msg.stop.extend([stop] if isinstance(stop, str) else stop)
@@ -190,6 +210,9 @@ def request(
         msg.prompt = prompt
     elif kind == "prompt_token_ids":
         msg.prompt_token_ids.ids.extend(prompt_token_ids)
+    elif images:
+        parts = [pb.ContentPart(image=image) for image in images] + [pb.ContentPart(text=chat)]
+        msg.chat.messages.add(role="user", parts=parts)
     else:
         msg.chat.messages.add(role="user", content=chat)
     return msg

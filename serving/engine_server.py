@@ -27,6 +27,8 @@ from engine.core import EngineConfig, RequestOutput
 from engine.llm_engine import LLMEngine
 from engine.protocol import Engine
 from engine.request import SamplingParams
+from model.image_processing import ProcessedImage
+from serving.tiers import TierControl
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +79,56 @@ class EngineServer:
         self._replica = _replica_tag()
         self._expert_tokens: list[int] = []
         self._expert_tokens_at = 0.0
+        self._autoscale_task: asyncio.Task | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's in-place update of the deployment's user_config (`serving.tiers.TierControl`):
+        resize the tiers and set the tier autoscaler, without a restart. A bad config raises
+        (Serve reports the failed update) and changes nothing."""
+        control = TierControl.model_validate(user_config or {})
+        is_cluster = isinstance(self.engine.engine, ClusterEngine)
+        if not is_cluster and (
+            control.attention_workers or control.expert_workers or control.autoscaler.enabled
+        ):
+            raise ValueError("the single-process engine (expert_workers 0) has no tiers to size")
+        if not is_cluster:
+            return
+        autoscaler = control.autoscaler.to_config()
+
+        def apply(engine: ClusterEngine) -> None:
+            engine.configure(control.attention_workers, control.expert_workers, control.drain, autoscaler)
+
+        await asyncio.wrap_future(self.engine.call(apply))
+        if self._autoscale_task is not None:
+            self._autoscale_task.cancel()
+            self._autoscale_task = None
+        if autoscaler.enabled:
+            self._autoscale_task = asyncio.get_running_loop().create_task(
+                self._autoscale(autoscaler.interval_s)
+            )
+
+    async def _autoscale(self, interval_s: float) -> None:
+        """Every interval, on the loop thread: measure, decide, resize."""
+        while self.engine.alive:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.wrap_future(self.engine.call(lambda e: e.autoscale(time.monotonic())))
+            except Exception as e:  # one bad interval must not stop the autoscaler
+                log.warning("tier autoscaler: %s", e)
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        images: list[ProcessedImage] | None = None,
     ) -> AsyncIterator[RequestOutput | EngineFailure]:
         """Outputs as the engine produces them. A consumer that goes away (the client
-        disconnected, the call was cancelled) aborts the request and frees its KV blocks."""
+        disconnected, the call was cancelled) aborts the request and frees its KV blocks.
+        `images`: the prompt's images, already expanded in it."""
         # closing this generator must close the engine's at once (that is what aborts the request),
         # not whenever the garbage collector gets to it
-        outputs = self.engine.generate(prompt_token_ids, params, request_id)
+        outputs = self.engine.generate(prompt_token_ids, params, request_id, images=images or ())
         try:
             async with aclosing(outputs):
                 async for out in outputs:
@@ -135,6 +178,8 @@ class EngineServer:
             "balancing": dict(gauges.get("balancing") or {}),
             "faults": dict(gauges.get("faults") or {}),
             "workers": dict(gauges.get("workers") or {}),
+            "workers_desired": dict(gauges.get("workers_desired") or {}),
+            "resize_seconds": list(gauges.get("resize_seconds") or []),
         }
 
     def _gauges(self) -> dict[str, Any]:
@@ -157,8 +202,16 @@ class EngineServer:
             s.get("rows_computed_total", sum(s["rows_computed_per_layer"].values())) for s in stats["experts"]
         ]
 
+    async def vision_stats(self) -> list[dict[str, Any]]:
+        """Per vision worker: calls, images and tiles encoded, seconds encoding (empty without a
+        vision tier: the engine encodes in its attention workers or in-process)."""
+        stats = await asyncio.to_thread(self.engine.engine.stats)
+        return list(stats.get("vision", []))
+
     def close(self) -> None:
         """Stop the step loop and release the engine's workers."""
+        if self._autoscale_task is not None:
+            self._autoscale_task.cancel()
         self.engine.close()
 
     def __del__(self) -> None:

@@ -19,9 +19,12 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.logits import TokenLogprob
 from engine.request import SamplingParams
 from model.config import ModelConfig
+from model.image_processing import ImageProcessor, ProcessedImage
 from model.tokenizer import Tokenizer
 from serving.engine_server import EngineFailure
+from serving.media import MediaConfig
 from serving.metrics import RequestTimer, ServingMetrics
+from serving.multimodal import ImageInputs
 from serving.openai_protocol import APIError, invalid, new_id, queue_full, unavailable
 
 T = TypeVar("T")
@@ -38,6 +41,7 @@ class IngressSpec:
     api_key: str | None = None  # None: no authentication
     strict_requests: bool = False  # unknown request fields: 400 instead of a warning
     allowed_origins: tuple[str, ...] = ()  # CORS; () is off, ("*",) any origin
+    media: MediaConfig = MediaConfig()  # where images may come from, and how many and how large
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Frontend:
         self.model = spec.served_model_name
         self.spec = spec
         self.metrics = ServingMetrics(self.model)
+        self.images = ImageInputs(ImageProcessor.for_checkpoint(spec.model_dir), spec.media)
 
     def check_model(self, name: str) -> None:
         if name != self.model:
@@ -78,6 +83,7 @@ class Frontend:
         params: SamplingParams,
         timer: RequestTimer,
         request_id: str | None = None,
+        images: list[ProcessedImage] | None = None,
     ) -> AsyncIterator[TextDelta]:
         """Text deltas of one request. Errors before the first delta raise `APIError`; a consumer
         that stops early cancels the engine call (the engine aborts the request)."""
@@ -88,7 +94,8 @@ class Frontend:
             len(prompt_token_ids),
             params.max_tokens,
         )
-        call = self.streaming.generate.remote(prompt_token_ids, params, request_id)
+        extra = {"images": images} if images else {}
+        call = self.streaming.generate.remote(prompt_token_ids, params, request_id, **extra)
         text = IncrementalDetokenizer(self.tokenizer, params.stop)
         finished = admitted = False
         items = _engine_items(call)

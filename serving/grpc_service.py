@@ -29,6 +29,7 @@ from engine.logits import TokenLogprob
 from serving import openai_protocol as oai
 from serving.frontend import Frontend, TextDelta, merge
 from serving.metrics import RequestTimer
+from serving.multimodal import ChatInput, ImageSource
 from serving.openai_responses import LogprobFormatter, shown
 from serving.proto_gen import llama4_ep_pb2 as pb
 
@@ -93,6 +94,43 @@ def prompt_token_ids(request: pb.GenerateRequest, frontend: Frontend) -> list[in
     raise oai.invalid("set one of prompt, prompt_token_ids or chat", param="input")
 
 
+async def prompt_inputs(request: pb.GenerateRequest, frontend: Frontend) -> tuple[list[int], list]:
+    """The prompt's ids and its images (a chat whose messages have image parts)."""
+    if request.WhichOneof("input") == "chat" and any(m.parts for m in request.chat.messages):
+        return await frontend.images.chat_prompt(chat_input(request.chat), frontend.tokenizer)
+    return prompt_token_ids(request, frontend), []
+
+
+def chat_input(chat: pb.Chat) -> ChatInput:
+    """A chat's messages with their parts in order; images as bytes or URLs."""
+    messages, images = [], []
+    for i, m in enumerate(chat.messages):
+        if not m.parts:
+            messages.append({"role": m.role, "content": m.content})
+            continue
+        if m.content:
+            raise oai.invalid(
+                f"chat.messages.{i}: give content or parts, not both", param=f"chat.messages.{i}"
+            )
+        parts = []
+        for j, part in enumerate(m.parts):
+            kind, param = part.WhichOneof("part"), f"chat.messages.{i}.parts.{j}"
+            if kind == "text":
+                parts.append({"type": "text", "text": part.text})
+            elif kind in ("image", "image_url"):
+                src = (
+                    ImageSource(param, data=part.image)
+                    if kind == "image"
+                    else ImageSource(param, url=part.image_url)
+                )
+                images.append(src)
+                parts.append({"type": "image"})
+            else:
+                raise oai.invalid(f"{param}: set one of text, image or image_url", param=param)
+        messages.append({"role": m.role, "content": parts})
+    return ChatInput(messages, images)
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> pb.Usage:
     return pb.Usage(
         prompt_tokens=prompt_tokens,
@@ -119,12 +157,12 @@ class GrpcService:
         self.f = frontend
         self.lp = LogprobFormatter(frontend.tokenizer)
 
-    def _start(
+    async def _start(
         self, request: pb.GenerateRequest, context: Any, timer: RequestTimer
     ) -> AsyncIterator[tuple[int, TextDelta]]:
         self._authorize(context)
         sampling = fields(request, self.f.model)
-        ids = prompt_token_ids(request, self.f)
+        ids, images = await prompt_inputs(request, self.f)
         max_tokens = sampling.max_tokens or DEFAULT_MAX_TOKENS
         logprobs = request.logprobs if request.HasField("logprobs") else None
         rid = request.request_id or oai.new_id("req")
@@ -134,7 +172,9 @@ class GrpcService:
             params = oai.sampling_params(
                 sampling, len(ids), self.f.context_length, max_tokens, seed=seed, logprobs=logprobs
             )
-            streams.append(self.f.stream(ids, params, timer, rid if sampling.n == 1 else f"{rid}-{i}"))
+            streams.append(
+                self.f.stream(ids, params, timer, rid if sampling.n == 1 else f"{rid}-{i}", images)
+            )
         return _within_deadline(merge(streams), context)
 
     def _authorize(self, context: Any) -> None:
@@ -161,7 +201,7 @@ class GrpcService:
         timer = self.f.metrics.request("grpc.Generate")
         choices: dict[int, _Choice] = {}
         try:
-            async for i, delta in self._start(request, context, timer):
+            async for i, delta in await self._start(request, context, timer):
                 choices.setdefault(i, _Choice()).add(delta)
         except oai.APIError as e:
             _set_status(context, e, timer)
@@ -196,7 +236,7 @@ class GrpcService:
         rid = request.request_id
         choices: dict[int, _Choice] = {}
         try:
-            async for i, delta in self._start(request, context, timer):
+            async for i, delta in await self._start(request, context, timer):
                 choices.setdefault(i, _Choice()).add(delta)
                 token_delta = pb.TokenDelta(
                     token_ids=delta.token_ids,

@@ -18,11 +18,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from engine.logits import TokenLogprob
 from engine.request import Guided, SamplingParams
+from model.image_processing import ProcessedImage
 from model.tokenizer import Tokenizer
 from serving import openai_protocol as oai
 from serving import openai_responses as out
 from serving.frontend import Frontend, TextDelta, merge
 from serving.metrics import RequestTimer
+from serving.multimodal import openai_chat_input
 from serving.tool_calls import ToolCallStream, required_schema
 
 
@@ -49,6 +51,7 @@ class Job:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     finish_reason: str | None = None
     num_output_tokens: int = 0
+    images: list[ProcessedImage] | None = None  # the prompt's images, already expanded in it
     started: bool = False
 
     def add(self, d: TextDelta) -> None:
@@ -83,7 +86,7 @@ class Endpoints:
         self, jobs: list[Job], timer: RequestTimer, rid: str
     ) -> AsyncIterator[tuple[int, TextDelta]]:
         streams = [
-            self.f.stream(j.prompt_ids, j.params, timer, rid if len(jobs) == 1 else f"{rid}-{k}")
+            self.f.stream(j.prompt_ids, j.params, timer, rid if len(jobs) == 1 else f"{rid}-{k}", j.images)
             for k, j in enumerate(jobs)
         ]
         return merge(streams)
@@ -127,7 +130,7 @@ class Endpoints:
     async def chat(self, raw: bytes, timer: RequestTimer, rid: str) -> Response:
         req = oai.parse_body(oai.ChatCompletionRequest, raw, self.f.spec.strict_requests)
         self.f.check_model(req.model)
-        ids = self._chat_prompt(req)
+        ids, images = await self._chat_prompt(req)
         max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
         extra: dict[str, Any] = {"logprobs": (req.top_logprobs or 0) if req.logprobs else None}
         forced = _forced_tool_grammar(req)
@@ -138,9 +141,10 @@ class Endpoints:
                 )
             extra["guided"] = oai.check_guided(forced, "tools")
         jobs = [
-            Job(0, i, ids, self._params(req, ids, max_tokens, seed=oai.choice_seed(req.seed, i), **extra))
+            Job(0, i, ids, self._params(req, ids, max_tokens, seed=oai.choice_seed(req.seed, i), **extra),
+                images=images or None)
             for i in range(req.n)
-        ]
+        ]  # fmt: skip
         shape = _ChatShape(self, req, oai.new_id("chatcmpl"))
         if req.stream:
             return await self._stream(jobs, timer, rid, shape)
@@ -148,14 +152,18 @@ class Endpoints:
         choices = [shape.whole(j, k) for k, j in enumerate(jobs)]
         return JSONResponse(out.chat_response(shape.rid, req.model, choices, _usage(jobs)))
 
-    def _chat_prompt(self, req: oai.ChatCompletionRequest) -> list[int]:
+    async def _chat_prompt(self, req: oai.ChatCompletionRequest) -> tuple[list[int], list[ProcessedImage]]:
+        """The prompt's ids and, when its messages have `image_url` parts, its images (fetched,
+        decoded and tiled, the prompt expanded; tools are not rendered for those yet)."""
+        if any(m.has_images for m in req.messages):
+            return await self.f.images.chat_prompt(openai_chat_input(req), self.f.tokenizer)
         tools = None
         if req.tools_active:
             tools = [
                 t.function.model_dump(include={"name", "description", "parameters"}, exclude_none=True)
                 for t in req.tools
             ]
-        return chat_prompt_ids(self.f.tokenizer, req.messages, tools)
+        return chat_prompt_ids(self.f.tokenizer, req.messages, tools), []
 
     # -- streaming ---------------------------------------------------------------------
 

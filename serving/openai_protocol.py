@@ -14,9 +14,18 @@ import json
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.guided import GrammarError, grammar_text
 from engine.request import MAX_LOGPROBS, STOP_TOKEN_IDS_DEFAULT, Guided, SamplingParams
@@ -231,6 +240,39 @@ class TextPart(Lenient):
         return v
 
 
+class ImageURL(Lenient):
+    url: str = Field(min_length=1)  # data:image/...;base64,..., http(s)://..., or file://...
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; Llama 4 always tiles the same way
+
+
+class ImagePart(Lenient):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+# Tags of the unions below; they are left out of the `param` an error names
+_TAG = "union:"
+
+
+def _part_type(part: Any) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return f"{_TAG}{kind}" if isinstance(kind, str) else None
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag(f"{_TAG}text")] | Annotated[ImagePart, Tag(f"{_TAG}image_url")],
+    Discriminator(
+        _part_type,
+        custom_error_type="invalid_content_part",
+        custom_error_message="a content part's type must be 'text' or 'image_url'",
+    ),
+]
+
+
+def _content_kind(content: Any) -> str:
+    return f"{_TAG}parts" if isinstance(content, list) else f"{_TAG}text"
+
+
 class FunctionCall(Lenient):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
@@ -244,7 +286,14 @@ class ToolCall(Lenient):
 
 class ChatMessage(Lenient):
     role: str
-    content: str | list[TextPart] | None = None
+    # a string, or a list of parts; told apart first, so an error names the part that is wrong
+    content: (
+        Annotated[
+            Annotated[str, Tag(f"{_TAG}text")] | Annotated[list[ContentPart], Tag(f"{_TAG}parts")],
+            Discriminator(_content_kind),
+        ]
+        | None
+    ) = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant message that called tools
     tool_call_id: str | None = None  # a tool message: the call it answers
@@ -268,7 +317,13 @@ class ChatMessage(Lenient):
     def text(self) -> str:
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    @property
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content)
 
 
 class FunctionDef(Lenient):
@@ -387,7 +442,8 @@ def unknown_fields(obj: Any, prefix: str = "") -> list[str]:
 def _from_validation_error(e: ValidationError) -> APIError:
     first = e.errors()[0]
     param = (
-        ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-after", "tagged"))) or None
+        ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-after", "tagged", _TAG)))
+        or None
     )
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!serving/proto_gen/llama4_ep.proto\x12\tllama4_ep\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.llama4_ep.ChatMessage\"\xfa\x04\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12/\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x13.llama4_ep.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x0f.llama4_ep.ChatH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x0e\n\x01n\x18\r \x01(\x05H\x07\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0e \x03(\x05\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x02H\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x02H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x12 \x01(\x05H\x0b\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x04\n\x02_nB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokens\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"r\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\t\x12\"\n\x03top\x18\x05 \x03(\x0b\x32\x15.llama4_ep.TopLogprob\"z\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.llama4_ep.TokenLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xce\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.llama4_ep.Usage\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.llama4_ep.TokenLogprob\x12\"\n\x07\x63hoices\x18\x07 \x03(\x0b\x32\x11.llama4_ep.Choice\"g\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.llama4_ep.TokenLogprob\x12\r\n\x05index\x18\x04 \x01(\x05\"X\n\x06\x46inish\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.llama4_ep.Usage\x12\x16\n\x0e\x66inish_reasons\x18\x03 \x03(\t\"\x82\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x15.llama4_ep.TokenDeltaH\x00\x12#\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x11.llama4_ep.FinishH\x00\x42\x07\n\x05\x65vent2\xa2\x01\n\x08Llama4EP\x12\x43\n\x08Generate\x12\x1a.llama4_ep.GenerateRequest\x1a\x1b.llama4_ep.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.llama4_ep.GenerateRequest\x1a!.llama4_ep.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!serving/proto_gen/llama4_ep.proto\x12\tllama4_ep\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"S\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12%\n\x05parts\x18\x03 \x03(\x0b\x32\x16.llama4_ep.ContentPart\"K\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x13\n\timage_url\x18\x03 \x01(\tH\x00\x42\x06\n\x04part\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.llama4_ep.ChatMessage\"\xfa\x04\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12/\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x13.llama4_ep.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x0f.llama4_ep.ChatH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x0e\n\x01n\x18\r \x01(\x05H\x07\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0e \x03(\x05\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x02H\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x02H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x12 \x01(\x05H\x0b\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x04\n\x02_nB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokens\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"r\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\t\x12\"\n\x03top\x18\x05 \x03(\x0b\x32\x15.llama4_ep.TopLogprob\"z\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.llama4_ep.TokenLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xce\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.llama4_ep.Usage\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.llama4_ep.TokenLogprob\x12\"\n\x07\x63hoices\x18\x07 \x03(\x0b\x32\x11.llama4_ep.Choice\"g\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.llama4_ep.TokenLogprob\x12\r\n\x05index\x18\x04 \x01(\x05\"X\n\x06\x46inish\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.llama4_ep.Usage\x12\x16\n\x0e\x66inish_reasons\x18\x03 \x03(\t\"\x82\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x15.llama4_ep.TokenDeltaH\x00\x12#\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x11.llama4_ep.FinishH\x00\x42\x07\n\x05\x65vent2\xa2\x01\n\x08Llama4EP\x12\x43\n\x08Generate\x12\x1a.llama4_ep.GenerateRequest\x1a\x1b.llama4_ep.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.llama4_ep.GenerateRequest\x1a!.llama4_ep.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=48
   _globals['_TOKENIDS']._serialized_end=71
   _globals['_CHATMESSAGE']._serialized_start=73
-  _globals['_CHATMESSAGE']._serialized_end=117
-  _globals['_CHAT']._serialized_start=119
-  _globals['_CHAT']._serialized_end=167
-  _globals['_GENERATEREQUEST']._serialized_start=170
-  _globals['_GENERATEREQUEST']._serialized_end=804
-  _globals['_TOPLOGPROB']._serialized_start=806
-  _globals['_TOPLOGPROB']._serialized_end=868
-  _globals['_TOKENLOGPROB']._serialized_start=870
-  _globals['_TOKENLOGPROB']._serialized_end=984
-  _globals['_CHOICE']._serialized_start=986
-  _globals['_CHOICE']._serialized_end=1108
-  _globals['_USAGE']._serialized_start=1110
-  _globals['_USAGE']._serialized_end=1189
-  _globals['_GENERATERESPONSE']._serialized_start=1192
-  _globals['_GENERATERESPONSE']._serialized_end=1398
-  _globals['_TOKENDELTA']._serialized_start=1400
-  _globals['_TOKENDELTA']._serialized_end=1503
-  _globals['_FINISH']._serialized_start=1505
-  _globals['_FINISH']._serialized_end=1593
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1596
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1726
-  _globals['_LLAMA4EP']._serialized_start=1729
-  _globals['_LLAMA4EP']._serialized_end=1891
+  _globals['_CHATMESSAGE']._serialized_end=156
+  _globals['_CONTENTPART']._serialized_start=158
+  _globals['_CONTENTPART']._serialized_end=233
+  _globals['_CHAT']._serialized_start=235
+  _globals['_CHAT']._serialized_end=283
+  _globals['_GENERATEREQUEST']._serialized_start=286
+  _globals['_GENERATEREQUEST']._serialized_end=920
+  _globals['_TOPLOGPROB']._serialized_start=922
+  _globals['_TOPLOGPROB']._serialized_end=984
+  _globals['_TOKENLOGPROB']._serialized_start=986
+  _globals['_TOKENLOGPROB']._serialized_end=1100
+  _globals['_CHOICE']._serialized_start=1102
+  _globals['_CHOICE']._serialized_end=1224
+  _globals['_USAGE']._serialized_start=1226
+  _globals['_USAGE']._serialized_end=1305
+  _globals['_GENERATERESPONSE']._serialized_start=1308
+  _globals['_GENERATERESPONSE']._serialized_end=1514
+  _globals['_TOKENDELTA']._serialized_start=1516
+  _globals['_TOKENDELTA']._serialized_end=1619
+  _globals['_FINISH']._serialized_start=1621
+  _globals['_FINISH']._serialized_end=1709
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1712
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1842
+  _globals['_LLAMA4EP']._serialized_start=1845
+  _globals['_LLAMA4EP']._serialized_end=2007
 # @@protoc_insertion_point(module_scope)

@@ -102,3 +102,25 @@ def test_bench_faults_kills_a_worker_and_loses_nothing(capsys, ray_session, tiny
     assert row["kind"] == "attention-kill" and row["in_flight"] == 3
     assert figures["failed_requests"] == 0 and figures["tokens_equal"] is True
     assert figures["max_stall_s"] == row["stall_max_s"] > 0
+
+
+def test_bench_vision_in_process(capsys, tiny_maverick):
+    figures = bench_json(
+        capsys,
+        "vision",
+        "--model",
+        str(tiny_maverick),
+        "--vision-workers",
+        "0",
+        "--expert-workers",
+        "0",
+        "--images",
+        "2",
+        "--image-size",
+        "200x200",
+        "--reps",
+        "1",
+    )
+    assert figures["tiles_per_image"] == 1 and figures["images_per_call"] == 2
+    assert figures["images_per_second"] > 0 and figures["ttft_image_ms"] > 0 and figures["ttft_text_ms"] > 0
+    assert figures["prompt_tokens"] > 144  # the image's 144 <|patch|> tokens and the text

@@ -9,6 +9,7 @@ import argparse
 import json
 
 from bench.cli import add_bench_parser
+from model.synthetic import cached_checkpoint_path
 
 
 def run_bench(argv: list[str]) -> int:
@@ -20,9 +21,10 @@ def run_bench(argv: list[str]) -> int:
 
 def test_bench_replication_tiny(capsys, monkeypatch, tmp_path, ray_session, skewed_maverick):
     cache = tmp_path / "cache"  # the bench's cached checkpoints; the session's skewed one is seed 3
-    cache.mkdir()
-    (cache / "tiny-maverick-seed0-skew1.2-skewseed3").symlink_to(skewed_maverick)
     monkeypatch.setenv("LLAMA4_EP_CACHE", str(cache))
+    cached = cached_checkpoint_path("tiny-maverick", 0, 1.2, 3)
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(skewed_maverick)
     plot = tmp_path / "replication.png"
     argv = ["--quick", "--preset", "tiny-maverick", "--expert-workers", "2", "--redundant-slots", "1"]
     argv += ["--skew-seed", "3", "--shift-skew-seed", "4"]

@@ -7,7 +7,13 @@ import os
 import subprocess
 import sys
 
-from tests.helpers import hf_greedy
+from PIL import Image
+
+from engine.core import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.request import SamplingParams
+from model.image_processing import ImageProcessor
+from tests.helpers import hf_greedy, random_image
 
 
 def llama4_ep(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -32,7 +38,11 @@ def test_make_checkpoint_sharded(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert all(name.startswith("language_model.") for name in index["weight_map"])
+    names = index["weight_map"]
+    assert all(
+        name.startswith(("language_model.", "vision_model.", "multi_modal_projector.")) for name in names
+    )
+    assert "vision_model.patch_embedding.linear.weight" in names  # the presets have a vision tower
     assert len(set(index["weight_map"].values())) > 1
 
 
@@ -111,3 +121,34 @@ def test_cluster_arguments_are_checked(tiny_maverick):
     ]:
         r = llama4_ep(*base, *extra)
         assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
+
+
+def test_generate_with_an_image_equals_the_engine(tiny_maverick, tmp_path):
+    picture = tmp_path / "picture.png"
+    Image.fromarray(random_image(120, 200, seed=4).permute(1, 2, 0).numpy()).save(picture)
+    r = llama4_ep(
+        "generate",
+        "--model",
+        str(tiny_maverick),
+        "--chat",
+        "What is it?",
+        "--image",
+        str(picture),
+        "--max-tokens",
+        "4",
+        "--ignore-eos",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["prompt_token_ids"].count(200092) == 144  # one tile
+    images = [ImageProcessor.for_checkpoint(tiny_maverick).decode_and_preprocess(picture.read_bytes())]
+    (done,) = LLMEngine.from_checkpoint(tiny_maverick, EngineConfig()).generate(
+        [out["prompt_token_ids"]], SamplingParams(max_tokens=4, ignore_eos=True), [images]
+    )
+    assert out["token_ids"] == done.token_ids
+    (tmp_path / "not.png").write_text("hello")
+    r = llama4_ep(
+        "generate", "--model", str(tiny_maverick), "--chat", "x", "--image", str(tmp_path / "not.png")
+    )
+    assert r.returncode == 2 and "not an image" in r.stderr and "Traceback" not in r.stderr

@@ -7,7 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.autoscale import AutoscalerConfig, Decision, Measurements, State, TierBounds, decide
+from engine.autoscale import (
+    AutoscalerConfig,
+    Decision,
+    Measurements,
+    State,
+    TierAutoscaler,
+    TierBounds,
+    TierWindow,
+    decide,
+)
 
 CFG = AutoscalerConfig(
     enabled=True,
@@ -86,3 +95,30 @@ def test_bad_configuration_is_refused():
         TierBounds(3, 2)
     with pytest.raises(ValueError, match="target_kv_usage"):
         AutoscalerConfig(target_kv_usage=1.5)
+
+
+def test_the_window_reduces_steps_to_the_measurements():
+    w = TierWindow()
+    w.add_step(routed_rows=400, num_moe_layers=4, kv_usage=0.2, num_waiting=3)
+    w.add_step(routed_rows=800, num_moe_layers=4, kv_usage=0.5, num_waiting=1)
+    m = w.take(12.0, num_attention=1, num_expert=2)
+    assert m == Measurements(12.0, 1, 2, tokens_per_step=150.0, kv_usage=0.5, num_waiting=1)
+    assert w.take(13.0, 1, 2).tokens_per_step == 0.0  # an idle interval
+
+
+def test_the_controller_does_not_decide_while_a_resize_is_in_flight():
+    """A busy interval is measured, not decided: the held direction and the cooldown stay as they
+    were, and the resize comes at the first free interval once the delay has passed."""
+    auto = TierAutoscaler(CFG)
+    sizes, out = (1, 1), []
+    for t in range(8):
+        auto.window.add_step(routed_rows=450.0, num_moe_layers=1, kv_usage=0.3, num_waiting=0)
+        d = auto.tick(float(t), *sizes, resizing=t in (1, 2))
+        out.append(d)
+        if d is not None:
+            sizes = (d.num_attention, d.num_expert)
+    assert out[:3] == [None] * 3  # t=0 starts the hold; t=1 and 2 busy (and within the delay)
+    assert [t.decision is None for t in auto.history[:3]] == [False, True, True]
+    assert out[3] is not None and sizes[1] == 2  # the hold went on through the busy intervals
+    assert auto.state.expert.last_resize_s == 3.0
+    assert all(d is None for d in out[4:])  # cooldown 5 s

@@ -140,3 +140,21 @@ def test_committed_stubs_match_the_proto(tmp_path):
     here = ROOT / "serving" / "proto_gen"
     for name in STUBS:
         assert (tmp_path / name).read_text() == (here / name).read_text(), f"{name} is stale: regenerate"
+
+
+def test_vision_workers_and_media_arguments():
+    cfg = ServeAppConfig(
+        vision_workers=2, media={"max_images_per_prompt": 3, "allowed_media_domains": ["a.b"]}
+    )
+    assert cfg.cluster_config().num_vision_workers == 2 and cfg.cluster_config().num_workers == 5
+    assert "+ 2 vision workers" in cfg.layout()
+    media = cfg.media.to_config()
+    assert media.max_images_per_prompt == 3 and media.allowed_media_domains == ("a.b",)
+    with pytest.raises(ValidationError, match="vision_workers need the disaggregated engine"):
+        ServeAppConfig(expert_workers=0, vision_workers=1)
+    with pytest.raises(ValidationError, match="is not a directory"):
+        ServeAppConfig(media={"allowed_local_media_path": "/no/such/folder"})
+    with pytest.raises(ValidationError, match="max_images_per_prompt"):
+        ServeAppConfig(media={"max_images_per_prompt": 0})
+    bundles = replica_resources(ServeAppConfig(vision_workers=1), 4.0, 0.0)["placement_group_bundles"]
+    assert len(bundles) == 1 + 1 + 2 + 1  # the replica, attention, experts, vision
