@@ -91,7 +91,10 @@ class LoadWindow:
 
     def keep_newest(self, num_steps: int) -> None:
         """Forget all but the newest `num_steps` steps (the load changed before them)."""
-        self._steps = deque(list(self._steps)[len(self._steps) - num_steps :], maxlen=self._steps.maxlen)
+        if num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+        drop = max(0, len(self._steps) - num_steps)
+        self._steps = deque(list(self._steps)[drop:], maxlen=self._steps.maxlen)
 
     def clear_slots(self) -> None:
         """Slot counts describe one placement; after a switch only new steps count."""

@@ -155,6 +155,12 @@ def test_keep_newest_forgets_older_steps():
     w.keep_newest(2)
     assert w.num_steps == 2 and w.expert_load().tolist() == [[7, 7]] and w.slot_load().tolist() == [[7] * 4]
     assert w.expert_steps().shape == (2, 1, 2)
+    w.keep_newest(5)  # more than it holds: all stay
+    assert w.num_steps == 2
+    w.keep_newest(0)
+    assert w.num_steps == 0
+    with pytest.raises(ValueError, match="num_steps"):
+        w.keep_newest(-1)
 
 
 @pytest.mark.parametrize(
