@@ -163,8 +163,24 @@ def _add_replication_parser(bench: argparse._SubParsersAction) -> None:
     r.add_argument("--threshold", type=float, help="RebalanceConfig.imbalance_threshold")
     r.add_argument("--min-gain", type=float, help="RebalanceConfig.min_gain")
     r.add_argument("--report-every", type=int, help="RebalanceConfig.report_every")
+    r.add_argument("--shift-steps", type=int, help="RebalanceConfig.shift_steps")
+    r.add_argument(
+        "--shift-threshold",
+        type=_threshold,
+        help="RebalanceConfig.shift_threshold ('off': no shift detection)",
+    )
     r.add_argument("--plot", type=Path, default=Path(tempfile.gettempdir()) / "llama4-ep-replication.png")
     r.set_defaults(func=_replication)
+
+
+def _threshold(text: str) -> float | str:
+    """A number, or 'off' (kept as the string: unset options are None, so None cannot mean off)."""
+    if text == "off":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need a number or 'off', got {text!r}") from None
 
 
 def _add_faults_parser(bench: argparse._SubParsersAction) -> None:

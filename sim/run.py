@@ -200,9 +200,22 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-every", type=int, default=50)
     p.add_argument("--imbalance-threshold", type=float, default=0.25)
     p.add_argument("--min-gain", type=float, default=0.05)
+    p.add_argument("--shift-steps", type=int, default=8, help="newest steps tested for new hot experts")
+    p.add_argument(
+        "--shift-threshold", type=_number_or_off, default=3.0, help="x sampling noise; 'off': no shift test"
+    )
     p.add_argument("--plan-seconds", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+
+
+def _number_or_off(text: str) -> float | None:
+    if text == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need a number or 'off', got {text!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -213,6 +226,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         imbalance_threshold=args.imbalance_threshold,
         min_gain=args.min_gain,
         report_every=args.report_every,
+        shift_steps=args.shift_steps,
+        shift_threshold=args.shift_threshold,
     )
     return SimConfig(
         model=model_config(args.model),
