@@ -37,7 +37,7 @@ from sim.costmodel import GB, CostModel, memory_plan
 class ResizeCosts:
     """What a new worker costs before it serves (assumptions, see docs/simulator.md)."""
 
-    worker_start_s: float = 20.0  # a process on a fresh GPU: CUDA context, joining the collectives
+    worker_start_s: float = 10.0  # a process on a fresh GPU: CUDA context, joining the collectives
     load_bandwidth: float = 5 * GB  # bytes/s a new worker reads its weights at (storage or network)
 
     def __post_init__(self) -> None:

@@ -23,9 +23,11 @@ that start or drain. The figures are the cost model's (docs/simulator.md), not m
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -337,6 +339,9 @@ def add_tiers_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="lognormal:128:0.6")
     p.add_argument("--max-len", type=int, default=8192)
     p.add_argument("--max-num-seqs", type=int, default=128, help="per attention rank")
+    p.add_argument(
+        "--token-budget", type=int, default=2048, help="tokens per step per rank (chunked prefill)"
+    )
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--kv-blocks", type=int, default=None, help="per rank (default: what fits in memory)")
     p.add_argument("--ttft-slo", type=float, default=2.0, help="seconds")
@@ -348,10 +353,11 @@ def add_tiers_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-kv", type=float, default=0.5, help="tiers: the busiest rank's KV usage")
     p.add_argument("--upscale-delay", type=float, default=5.0, help="both autoscalers")
     p.add_argument("--downscale-delay", type=float, default=30.0, help="both autoscalers")
-    p.add_argument("--worker-start", type=float, default=20.0, help="seconds before a new worker loads")
+    p.add_argument("--worker-start", type=float, default=10.0, help="seconds before a new worker loads")
     p.add_argument("--load-gbps", type=float, default=5.0, help="GB/s a new worker loads its weights at")
     p.add_argument("--policies", default="fixed-min,fixed-max,serve,tiers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the rows and the sizes over time here")
 
 
 def tiers_command(args: argparse.Namespace) -> int:
@@ -362,7 +368,7 @@ def tiers_command(args: argparse.Namespace) -> int:
         precision=Precision(weight_bytes=args.weight_bytes),
         num_attention=args.attention,
         num_expert_workers=args.experts,
-        scheduler=SchedulerConfig(args.max_num_seqs, 8192),
+        scheduler=SchedulerConfig(args.max_num_seqs, args.token_budget),
         block_size=args.block_size,
         num_kv_blocks=args.kv_blocks,
         seed=args.seed,
@@ -400,6 +406,9 @@ def tiers_command(args: argparse.Namespace) -> int:
             else:
                 raise ValueError(f"unknown policy {name!r} (allowed: fixed-min, fixed-max, serve, tiers)")
             rows.append(run.summary(args.ttft_slo, args.tpot_slo / 1e3))
+            rows[-1]["sizes"] = [[round(t, 2), m, w] for t, m, w in run.sizes]
             print(f"  {run.policy:9s} {text}: {len(wl)} requests, wall {run.wall_s:.0f} s", flush=True)
     print(format_table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
