@@ -320,6 +320,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_sizes(rows: list[dict], most: int = 24) -> str:
+    """Workers per tier over time, one line per run: `t s attention+expert` at every change."""
+    lines = ["", "attention ranks + expert workers over time (all replicas):"]
+    for r in rows:
+        points = [f"{t:.0f}s {m}+{w}" for t, m, w in r["sizes"]]
+        more = f", ... ({len(points) - most} more)" if len(points) > most else ""
+        lines.append(f"  {r['policy']} {r['load']}: " + ", ".join(points[:most]) + more)
+    return "\n".join(lines)
+
+
 def add_tiers_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="maverick")
     p.add_argument("--hardware", default="h100", choices=sorted(HARDWARE))
@@ -409,6 +419,7 @@ def tiers_command(args: argparse.Namespace) -> int:
             rows[-1]["sizes"] = [[round(t, 2), m, w] for t, m, w in run.sizes]
             print(f"  {run.policy:9s} {text}: {len(wl)} requests, wall {run.wall_s:.0f} s", flush=True)
     print(format_table(rows))
+    print(format_sizes(rows))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

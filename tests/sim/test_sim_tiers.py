@@ -200,3 +200,4 @@ def test_cli_prints_the_table(capsys):
     for policy in ("| fixed-1 |", "| fixed-2 |", "| serve |", "| tiers |"):
         assert policy in out
     assert "GPU-hours" in out and "SLO met" in out
+    assert "over time" in out and "  tiers step:2:20:1: 0s 1+1" in out  # workers per tier over time
