@@ -24,7 +24,6 @@ from attention.layers import (
     temperature_scale,
 )
 from attention.paged import AttentionBatch, KVPool
-from model.checkpoint import CheckpointReader
 from model.config import ModelConfig
 from router.gating import top1_gate
 
@@ -71,25 +70,41 @@ class MoEBackend(Protocol):
         ...
 
 
-def load_non_expert_weights(reader: CheckpointReader, dtype: torch.dtype) -> NonExpertWeights:
+class TensorSource(Protocol):
+    """Where weights come from: a `CheckpointReader`, or tensors already in memory
+    (`model.checkpoint.TensorDict`). Names are canonical (`layers.{i}.self_attn.q_proj.weight`)."""
+
+    config: ModelConfig
+
+    def tensor(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None
+    ) -> torch.Tensor: ...
+
+
+def load_non_expert_weights(
+    reader: TensorSource, dtype: torch.dtype, device: torch.device | None = None
+) -> NonExpertWeights:
+    """Every weight but the routed experts', read straight to `device` (default CPU) in `dtype`."""
     cfg = reader.config
     h, v = cfg.hidden_size, cfg.vocab_size
-    layers = tuple(_load_layer(reader, i, dtype) for i in range(cfg.num_hidden_layers))
+    layers = tuple(_load_layer(reader, i, dtype, device) for i in range(cfg.num_hidden_layers))
     return NonExpertWeights(
-        embed=reader.tensor("embed_tokens.weight", (v, h), dtype),
-        norm=reader.tensor("norm.weight", (h,), dtype),
-        lm_head=reader.tensor("lm_head.weight", (v, h), dtype),
+        embed=reader.tensor("embed_tokens.weight", (v, h), dtype, device),
+        norm=reader.tensor("norm.weight", (h,), dtype, device),
+        lm_head=reader.tensor("lm_head.weight", (v, h), dtype, device),
         layers=layers,
     )
 
 
-def _load_layer(reader: CheckpointReader, i: int, dtype: torch.dtype) -> LayerWeights:
+def _load_layer(
+    reader: TensorSource, i: int, dtype: torch.dtype, device: torch.device | None
+) -> LayerWeights:
     cfg = reader.config
     h, d = cfg.hidden_size, cfg.head_dim
     p = f"layers.{i}."
 
     def t(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return reader.tensor(p + name, shape, dtype)
+        return reader.tensor(p + name, shape, dtype, device)
 
     if cfg.is_moe(i):
         width, ff = cfg.intermediate_size, "feed_forward.shared_expert."
@@ -114,13 +129,24 @@ def _load_layer(reader: CheckpointReader, i: int, dtype: torch.dtype) -> LayerWe
 
 
 class Llama4Decoder:
-    """Runs a batch of sequence chunks through every layer, reading and writing a paged KV pool."""
+    """Runs a batch of sequence chunks through every layer, reading and writing a paged KV pool.
+
+    Everything it computes lives on its weights' device (`device`); the batch and the pool must
+    be there too."""
 
     def __init__(self, cfg: ModelConfig, weights: NonExpertWeights, experts: MoEBackend) -> None:
         self.cfg = cfg
         self.weights = weights
         self.experts = experts
-        self.inv_freq = rope_inv_freq(cfg)
+        self.inv_freq = rope_inv_freq(cfg).to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.embed.dtype
 
     def forward(self, batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
         """Final-normed hidden states [T, H] for batch.token_ids [T]. Image features in the batch
@@ -136,7 +162,7 @@ class Llama4Decoder:
             x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
             h = h + self._attention(layer_idx, lw, x, batch, kv, rotation, q_scale)
             x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
-            h = h + (self._moe(layer_idx, lw, x) if lw.router is not None else _mlp(x, lw.mlp))
+            h = h + (self.moe(layer_idx, x) if lw.router is not None else _mlp(x, lw.mlp))
         return rms_norm(h, w.norm, cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -171,10 +197,13 @@ class Llama4Decoder:
         mask = attention_mask(batch.q_pos, meta.key_pos, meta.key_valid, chunk)
         q_padded = q[batch.q_index.clamp(min=0)]  # [B, Qmax, Nq, D]
         out = attend(q_padded, keys, values, mask)
-        out = out[batch.q_valid]  # back to [T, Nq, D], token order preserved by construction
+        out = out.flatten(0, 1)[batch.q_flat_index]  # back to [T, Nq, D], in token order
         return out.reshape(t, cfg.num_attention_heads * d) @ lw.o.T
 
-    def _moe(self, layer_idx: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    def moe(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
+        """One MoE layer's feed-forward: x [T, H] (post-attention normed) -> [T, H], the routed
+        expert of each token plus the shared expert, without the residual."""
+        lw = self.weights.layers[layer_idx]
         expert_idx, score = top1_gate(x, lw.router)
         pending = self.experts.dispatch(layer_idx, x * score[:, None], expert_idx)
         shared = _mlp(x, lw.mlp)  # overlaps the exchange in the disaggregated layout

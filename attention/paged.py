@@ -8,25 +8,37 @@ layer of one sequence. Block tables (per sequence, per layer) come from the KV c
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 
+def kv_bytes_per_block(block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """K and V of one block of one layer."""
+    return 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+
 class KVPool:
-    """K and V storage: [num_blocks, block_size, Nkv, D] each."""
+    """K and V storage on one device: [num_blocks, block_size, Nkv, D] each."""
 
     def __init__(
-        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+        self,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
     ):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.block_size = block_size
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.device = device or torch.device("cpu")
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
 
     @property
     def bytes_per_block(self) -> int:
-        return 2 * self.k[0].numel() * self.k.element_size()
+        return kv_bytes_per_block(self.block_size, self.k.shape[2], self.k.shape[3], self.k.dtype)
 
     def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k/v [T, Nkv, D] at flat slots [T] (block * block_size + offset)."""
@@ -74,10 +86,37 @@ class AttentionBatch:
     q_index: torch.Tensor  # [B, Qmax] flat token index of each padded query (-1 = padding)
     q_valid: torch.Tensor  # [B, Qmax]
     q_pos: torch.Tensor  # [B, Qmax] (padding rows: -1, so they see nothing)
+    q_flat_index: torch.Tensor  # [T] where each token sits in the flattened [B * Qmax] queries
     layers: tuple[LayerMeta, ...]
     last_token_index: torch.Tensor  # [B] flat index of each sequence's last token this step
     image_index: torch.Tensor | None = None  # [R] int64 flat token index of each image row
     image_embeds: torch.Tensor | None = None  # [R, H] replace the embeddings of those tokens
+
+    def to(self, device: torch.device) -> AttentionBatch:
+        """The same batch on `device`, in one host-to-device copy: every index tensor is packed
+        into one int64 buffer on the host, copied, and cut back into views (booleans compared
+        back). Image features, floats, go on their own."""
+        if device.type == "cpu":
+            return self
+        skip = ("layers", "image_embeds")
+        top = [f.name for f in fields(self) if f.name not in skip and getattr(self, f.name) is not None]
+        per_layer = [f.name for f in fields(LayerMeta)]
+        parts = [getattr(self, n) for n in top] + [getattr(m, n) for m in self.layers for n in per_layer]
+        flat = torch.cat([t.reshape(-1).long() for t in parts]).to(device, non_blocking=True)
+        moved = iter(_unpack(flat, parts))
+        batch = {n: next(moved) for n in top}
+        layers = tuple(LayerMeta(**{n: next(moved) for n in per_layer}) for _ in self.layers)
+        embeds = None if self.image_embeds is None else self.image_embeds.to(device, non_blocking=True)
+        return replace(self, layers=layers, image_embeds=embeds, **batch)
+
+
+def _unpack(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    out, start = [], 0
+    for t in like:
+        piece = flat[start : start + t.numel()].view(t.shape)
+        out.append(piece != 0 if t.dtype == torch.bool else piece)
+        start += t.numel()
+    return out
 
 
 def build_batch(
@@ -86,10 +125,14 @@ def build_batch(
     key_start: Callable[[int, int], int],
     num_layers: int,
     block_size: int,
+    device: torch.device | None = None,
 ) -> AttentionBatch:
-    """Flatten chunks into one batch. `block_table(request_id, layer)` gives a layer's blocks
-    (-1 where freed); `key_start(layer, start_pos)` is the first position a layer's queries can
-    see (0 for full attention, the chunk start for chunked layers)."""
+    """Flatten chunks into one batch on `device` (default CPU). `block_table(request_id, layer)`
+    gives a layer's blocks (-1 where freed); `key_start(layer, start_pos)` is the first position
+    a layer's queries can see (0 for full attention, the chunk start for chunked layers).
+
+    The metadata is built on the host from the scheduler's plain ints and reaches a GPU in one
+    copy (`AttentionBatch.to`)."""
     lengths = [len(c.token_ids) for c in chunks]
     q_max = max(lengths, default=0)
     offsets = torch.tensor([0, *lengths]).cumsum(0)
@@ -105,13 +148,26 @@ def build_batch(
     q_index = torch.where(q_valid, offsets[:-1, None] + j, -1)
     starts = torch.tensor([c.start_pos for c in chunks], dtype=torch.long)[:, None]
     q_pos = torch.where(q_valid, starts + j, -1)
+    # row-major order of the valid queries is token order (sequences one after another); found
+    # here on the host, so the decoder never needs a data-dependent boolean index on the device
+    q_flat_index = torch.nonzero(q_valid.reshape(-1)).reshape(-1)
     layers = tuple(
         _layer_meta(chunks, lengths, block_table, layer, key_start, block_size) for layer in range(num_layers)
     )
     image_index, image_embeds = _image_rows(chunks, offsets)
-    return AttentionBatch(
-        token_ids, positions, q_index, q_valid, q_pos, layers, offsets[1:] - 1, image_index, image_embeds
+    batch = AttentionBatch(
+        token_ids,
+        positions,
+        q_index,
+        q_valid,
+        q_pos,
+        q_flat_index,
+        layers,
+        offsets[1:] - 1,
+        image_index,
+        image_embeds,
     )
+    return batch if device is None else batch.to(device)
 
 
 def _image_rows(

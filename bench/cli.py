@@ -10,6 +10,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from bench.gpu_args import add_gpu_arguments
 from bench.serve import add_bench_serve_parser
 
 
@@ -49,6 +50,12 @@ def _replication(args: argparse.Namespace) -> int:
     return cmd_replication(args)
 
 
+def _gpu(args: argparse.Namespace) -> int:
+    from bench.gpu import cmd_gpu  # lazy: start-up time of the CLI
+
+    return cmd_gpu(args)
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -78,6 +85,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_replication_parser(bench)
     _add_faults_parser(bench)
     _add_vision_parser(bench)
+    _add_gpu_parser(bench)
 
 
 def _add_vision_parser(bench: argparse._SubParsersAction) -> None:
@@ -91,6 +99,16 @@ def _add_vision_parser(bench: argparse._SubParsersAction) -> None:
     v.add_argument("--reps", type=int, default=5, help="timed encoder calls, and TTFT pairs")
     v.add_argument("--dtype", default="float32")
     v.set_defaults(func=_vision)
+
+
+def _add_gpu_parser(bench: argparse._SubParsersAction) -> None:
+    g = bench.add_parser(
+        "gpu",
+        help="the GPU check: colocated engine vs transformers on one GPU (tokens, decode tok/s, MoE "
+        "roofline); one JSON line. Without Ray: scripts/gpu-check.sh",
+    )
+    add_gpu_arguments(g)
+    g.set_defaults(func=_gpu)
 
 
 def _add_dispatch_parser(bench: argparse._SubParsersAction) -> None:

@@ -93,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         ignore_eos=args.ignore_eos,
     )
-    engine_cfg = EngineConfig(dtype=args.dtype)
+    engine_cfg = EngineConfig(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory)
     if args.attention_workers or args.expert_workers or args.address or args.vision_workers:
         cluster = ClusterConfig(
             args.attention_workers or 1,

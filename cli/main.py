@@ -11,6 +11,7 @@ import sys
 
 from bench.cli import add_bench_parser
 from bench.experiment.cli import add_experiment_parser
+from engine.kv_sizing import parse_kv_cache_memory
 from model.presets import PRESETS
 from serving.cli import add_client_parser, add_serve_parser
 from serving.status import add_status_parser
@@ -39,6 +40,13 @@ def _positive_int(name: str):
         return value
 
     return parse
+
+
+def _kv_cache_memory(text: str) -> float:
+    try:
+        return parse_kv_cache_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _token_ids(text: str) -> list[int]:
@@ -95,7 +103,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at stop tokens")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt (token_ids, text, ...)")
-    p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16, float16)")
+    p.add_argument(
+        "--dtype", default="auto", help="compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, ..."
+    )
+    p.add_argument(
+        "--kv-cache-memory",
+        type=_kv_cache_memory,
+        default=None,
+        help="KV cache per attention rank: a fraction of the memory free after the weights (0.9) or a "
+        "size (40GiB); default: a fixed 4096 blocks",
+    )
     p.add_argument(
         "--attention-workers",
         type=_positive_int("--attention-workers"),
@@ -111,7 +128,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--address", default=None, help="join an existing Ray cluster (default: start a local one)"
     )
-    p.add_argument("--device", default="cpu", help="cluster workers' device: cpu (gloo) or cuda (NCCL)")
+    p.add_argument(
+        "--device", default="cpu", help="cpu or cuda: the engine's device (cluster workers': gloo or NCCL)"
+    )
     p.set_defaults(func=_generate)
 
 

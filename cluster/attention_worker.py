@@ -21,7 +21,8 @@ from cluster.rendezvous import ProcessGroupMember, first_line
 from cluster.vision_worker import resolve_features
 from engine.core import EngineConfig, EngineCore, RequestOutput
 from engine.request import Request
-from model.checkpoint import CheckpointReader, parse_dtype
+from model.checkpoint import CheckpointReader
+from model.device import resolve_dtype
 from model.tokenizer import Tokenizer
 from router.dispatcher import AttentionDispatcher
 from router.layout import RankLayout
@@ -67,10 +68,10 @@ class AttentionWorker(ProcessGroupMember):
         """`load_vision`: encode the images of this rank's requests here (no vision tier)."""
         super().__init__(device)
         self.dp_rank = dp_rank
-        dtype = parse_dtype(engine_cfg.dtype)
+        dtype = resolve_dtype(engine_cfg.dtype, self.device)
         with CheckpointReader(Path(model_dir)) as reader:
             cfg = reader.config
-            weights = load_non_expert_weights(reader, dtype)
+            weights = load_non_expert_weights(reader, dtype, self.device)
             has_vision = load_vision and reader.has_vision
             vision = VisionEncoder.from_checkpoint(reader, dtype, self.device) if has_vision else None
         self.moe_layers = cfg.moe_layers
@@ -157,11 +158,18 @@ class AttentionWorker(ProcessGroupMember):
                 lw
                 if lw.router is None
                 else replace(
-                    lw, router=reader.tensor(f"layers.{i}.feed_forward.router.weight", shape, lw.router.dtype)
+                    lw,
+                    router=reader.tensor(
+                        f"layers.{i}.feed_forward.router.weight", shape, lw.router.dtype, lw.router.device
+                    ),
                 )
                 for i, lw in enumerate(weights.layers)
             )
         self.core.decoder.weights = replace(weights, layers=layers)
+
+    def kv_blocks(self) -> int:
+        """The blocks of this rank's KV pool (sized from memory when kv_cache_memory is set)."""
+        return self.core.kv_capacity.num_blocks
 
     def stats(self) -> dict:
         return {

@@ -137,6 +137,8 @@ class ClusterEngine:
         workers = self.attention + self.experts
         self._where = {}
         ray.get(self.track(workers))
+        # what the driver checks a request against: the smallest pool (each sized from its memory)
+        self.kv_blocks = min(ray.get([w.kv_blocks.remote() for w in self.attention]))
         self.resizer = Resizer(
             self, {self.key(w): b for w, b in zip(workers, placed[: len(workers)], strict=True)}
         )
@@ -203,7 +205,7 @@ class ClusterEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: prompt must hold at least one token")
-        check_fits(self.model_cfg, self.engine_cfg, len(prompt_token_ids), params.max_tokens)
+        check_fits(self.model_cfg, self.engine_cfg, len(prompt_token_ids), params.max_tokens, self.kv_blocks)
         hold = bool(images) and self.vision is not None
         rank = self.book.add(request_id, prompt_token_ids, params, images, hold=hold)
         if hold:

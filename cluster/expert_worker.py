@@ -19,8 +19,8 @@ from cluster.membership import Command, HeaderReader, StoreAddress
 from cluster.rendezvous import ProcessGroupMember, first_line
 from experts.slots import ExpertSlots
 from experts.swiglu import grouped_swiglu
-from model.checkpoint import parse_dtype
 from model.config import ModelConfig
+from model.device import resolve_dtype
 from router.dispatcher import ExpertServer
 from router.layout import RankLayout
 from router.placement import Placement
@@ -54,7 +54,9 @@ class ExpertWorker(ProcessGroupMember):
         self.worker_idx = worker_idx
         self.layout = layout
         t0 = time.perf_counter()
-        self.slots, self.bytes_read = ExpertSlots.load(model_dir, placement, worker_idx, parse_dtype(dtype))
+        self.slots, self.bytes_read = ExpertSlots.load(
+            model_dir, placement, worker_idx, resolve_dtype(dtype, self.device), self.device
+        )
         self.load_seconds = time.perf_counter() - t0
         self.slots.to(self.device)
         self.hidden_size = ModelConfig.from_file(model_dir).hidden_size
@@ -92,7 +94,7 @@ class ExpertWorker(ProcessGroupMember):
                     self.slots.switch(header.placement_version)
                 for moe_idx, layer in enumerate(self.slots.layers):
                     rows, local_slot, splits = self.server.receive()
-                    out = grouped_swiglu(rows, local_slot, layer.gate_up, layer.down)
+                    out = grouped_swiglu(rows, local_slot, *layer.compute_weights())
                     self.server.send_back(moe_idx, out, splits)
             except Exception as e:  # the group broke (a peer is gone or stalled): leave, report
                 self.leave()  # leaving at once wakes the peers still blocked on this worker

@@ -8,23 +8,25 @@ With `LocalExperts` as its MoE backend it is the whole single-process (colocated
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from attention.decoder import Llama4Decoder
-from attention.paged import ImageRows, KVPool, SeqChunk, build_batch
+from attention.paged import ImageRows, KVPool, SeqChunk, build_batch, kv_bytes_per_block
 from attention.vision import VisionEncoder
 from engine.detokenizer import IncrementalDetokenizer
 from engine.guided import GuidedDecoding
 from engine.kv_cache import KVCacheManager
+from engine.kv_sizing import KVCapacity, check_kv_cache_memory, plan_kv_cache
 from engine.logits import ROWS_PER_SLICE, TokenLogprob, process, token_logprobs
 from engine.multimodal import RequestImages
 from engine.request import FinishReason, Request
 from engine.sampling import new_seed, sample
 from engine.scheduler import KVCacheTooSmallError, Scheduler, SchedulerConfig, SchedulerOutput
-from model.checkpoint import parse_dtype
 from model.config import ModelConfig
+from model.device import check_device_name, check_dtype_name, free_memory
 from model.tokenizer import Tokenizer
 from model.vision_config import PATCH
 
@@ -33,23 +35,37 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineConfig:
-    num_kv_blocks: int = 4096  # per rank, shared by all layers
+    num_kv_blocks: int = 4096  # per rank, shared by all layers (unless kv_cache_memory is set)
     block_size: int = 16
     max_num_seqs: int = 64
     token_budget: int = 512
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 on a GPU, float32 on a CPU
+    device: str = "cpu"  # the single-process engine's; cluster workers take ClusterConfig.device
+    # per rank: a fraction in (0, 1] of the memory free after the weights, or bytes; sizes the
+    # pool instead of num_kv_blocks (engine.kv_sizing)
+    kv_cache_memory: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_kv_blocks", "block_size", "max_num_seqs", "token_budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        parse_dtype(self.dtype)
+        check_dtype_name(self.dtype)
+        check_device_name(self.device)
+        if self.kv_cache_memory is not None:
+            check_kv_cache_memory(self.kv_cache_memory)
 
 
-def check_fits(cfg: ModelConfig, engine_cfg: EngineConfig, num_prompt_tokens: int, max_tokens: int) -> None:
+def check_fits(
+    cfg: ModelConfig,
+    engine_cfg: EngineConfig,
+    num_prompt_tokens: int,
+    max_tokens: int,
+    num_blocks: int | None = None,
+) -> None:
     """Raise ValueError, with the numbers, for a request that can never finish on one rank: past
-    the context length, or needing more KV blocks than the rank's pool holds even alone (where the
-    scheduler shortens chunks to what fits, so one token per step is the least it needs)."""
+    the context length, or needing more KV blocks than the rank's pool (`num_blocks`, default
+    `engine_cfg.num_kv_blocks`) holds even alone (where the scheduler shortens chunks to what
+    fits, so one token per step is the least it needs)."""
     limit = cfg.max_position_embeddings
     if num_prompt_tokens + max_tokens > limit:
         raise ValueError(
@@ -59,11 +75,13 @@ def check_fits(cfg: ModelConfig, engine_cfg: EngineConfig, num_prompt_tokens: in
     chunked = [cfg.is_chunked(i) for i in range(cfg.num_hidden_layers)]
     kv = KVCacheManager(1, engine_cfg.block_size, chunked, cfg.attention_chunk_size)
     needed = kv.max_blocks_alone(num_prompt_tokens + max_tokens - 1, token_budget=1)
-    if needed > engine_cfg.num_kv_blocks:
+    num_blocks = engine_cfg.num_kv_blocks if num_blocks is None else num_blocks
+    if needed > num_blocks:
         raise ValueError(
             f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) needs up to {needed} KV "
             f"blocks of {engine_cfg.block_size} tokens ({cfg.num_hidden_layers} layers), but an attention "
-            f"worker's KV cache holds {engine_cfg.num_kv_blocks}; shorten the prompt or max_tokens"
+            f"worker's KV cache holds {num_blocks}; shorten the prompt or max_tokens (or give the KV "
+            "cache more memory)"
         )
 
 
@@ -111,13 +129,20 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.vision = vision
         self.image_token_id = image_token_id
-        dtype = parse_dtype(engine_cfg.dtype)
-        self.pool = KVPool(
-            engine_cfg.num_kv_blocks, engine_cfg.block_size, cfg.num_key_value_heads, cfg.head_dim, dtype
-        )
+        self.device = decoder.device  # the pool, the batch and sampling live with the weights
         chunked = [cfg.is_chunked(i) for i in range(cfg.num_hidden_layers)]
+        self.kv_capacity = _size_kv_cache(cfg, engine_cfg, decoder, chunked)
+        print(f"llama4-ep: {self.kv_capacity.describe()}", file=sys.stderr, flush=True)
+        self.pool = KVPool(
+            self.kv_capacity.num_blocks,
+            engine_cfg.block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            decoder.dtype,
+            self.device,
+        )
         self.kv = KVCacheManager(
-            engine_cfg.num_kv_blocks,
+            self.kv_capacity.num_blocks,
             engine_cfg.block_size,
             chunked,
             cfg.attention_chunk_size,
@@ -136,7 +161,13 @@ class EngineCore:
     def add_request(self, request: Request) -> None:
         """Queue a request. One that already has output tokens (re-admitted after its attention
         worker was lost) catches up on prompt and outputs, then continues where it stopped."""
-        check_fits(self.cfg, self.engine_cfg, len(request.prompt_token_ids), request.params.max_tokens)
+        check_fits(
+            self.cfg,
+            self.engine_cfg,
+            len(request.prompt_token_ids),
+            request.params.max_tokens,
+            self.kv_capacity.num_blocks,
+        )
         if (request.params.stop or request.params.guided) and self.tokenizer is None:
             raise ValueError("stop strings and guided decoding need a tokenizer")
         images = self._place_images(request)
@@ -281,13 +312,15 @@ class EngineCore:
             self._key_start,
             self.cfg.num_hidden_layers,
             self.engine_cfg.block_size,
+            self.device,
         )
         hidden = self.decoder.forward(batch, self.pool)
         samples = StepSamples(prompt_logprobs=self._prompt_logprobs(sched, batch.last_token_index, hidden))
         rows = [i for i, c in enumerate(sched.chunks) if c.sample]
         if not rows:
             return samples
-        logits = self.decoder.logits(hidden[batch.last_token_index[rows]])
+        sampled_rows = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        logits = self.decoder.logits(hidden[batch.last_token_index[sampled_rows]])
         ids = [sched.chunks[i].request_id for i in rows]
         requests = [self._requests[r] for r in ids]
         allowed = self._guided.allowed(ids) if self._guided is not None else None
@@ -354,6 +387,24 @@ class EngineCore:
         self._stops.pop(request_id, None)
         self._requests.pop(request_id, None)
         self._images.pop(request_id, None)
+
+
+def _size_kv_cache(
+    cfg: ModelConfig, engine_cfg: EngineConfig, decoder: Llama4Decoder, chunked: list[bool]
+) -> KVCapacity:
+    """The rank's pool: measured after the weights are on the device (they are: the decoder holds
+    them), so a fraction of the free memory is a fraction of what the weights left."""
+    return plan_kv_cache(
+        engine_cfg.num_kv_blocks,
+        engine_cfg.kv_cache_memory,
+        engine_cfg.block_size,
+        kv_bytes_per_block(engine_cfg.block_size, cfg.num_key_value_heads, cfg.head_dim, decoder.dtype),
+        chunked,
+        cfg.attention_chunk_size,
+        engine_cfg.token_budget,
+        cfg.max_position_embeddings,
+        lambda: free_memory(decoder.device),
+    )
 
 
 def _output(

@@ -17,7 +17,8 @@ from engine.core import EngineConfig, EngineCore, RequestOutput
 from engine.protocol import Completion, generate
 from engine.request import Request, SamplingParams
 from experts.slots import LocalExperts
-from model.checkpoint import CheckpointReader, parse_dtype
+from model.checkpoint import CheckpointReader
+from model.device import resolve_device, resolve_dtype
 from model.image_processing import ProcessedImage
 from model.tokenizer import Tokenizer
 
@@ -25,14 +26,16 @@ from model.tokenizer import Tokenizer
 def build_local_core(
     model_dir: str | Path, engine_cfg: EngineConfig | None = None, experts: MoEBackend | None = None
 ) -> EngineCore:
-    """A colocated engine core from a checkpoint directory (experts local unless given); with a
-    vision tower in the checkpoint it encodes images in-process."""
+    """A colocated engine core from a checkpoint directory (experts local unless given), every
+    weight read straight to `engine_cfg.device` in its compute dtype; with a vision tower in the
+    checkpoint it encodes images in-process."""
     engine_cfg = engine_cfg or EngineConfig()
-    dtype = parse_dtype(engine_cfg.dtype)
+    device = resolve_device(engine_cfg.device)
+    dtype = resolve_dtype(engine_cfg.dtype, device)
     with CheckpointReader(model_dir) as reader:
-        weights = load_non_expert_weights(reader, dtype)
-        experts = experts or LocalExperts.from_checkpoint(reader, dtype)
-        vision = VisionEncoder.from_checkpoint(reader, dtype) if reader.has_vision else None
+        weights = load_non_expert_weights(reader, dtype, device)
+        experts = experts or LocalExperts.from_checkpoint(reader, dtype, device)
+        vision = VisionEncoder.from_checkpoint(reader, dtype, device) if reader.has_vision else None
         cfg = reader.config
     decoder = Llama4Decoder(cfg, weights, experts)
     return EngineCore(cfg, decoder, engine_cfg, Tokenizer(model_dir), vision=vision)

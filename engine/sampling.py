@@ -31,11 +31,13 @@ def draw_seed(seed: int, token_index: int) -> int:
 def sample(
     logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int], token_indices: Sequence[int]
 ) -> list[int]:
-    """logits [N, V] fp32, one row per request -> N token ids. Row i draws with a generator
-    seeded from (seeds[i], token_indices[i])."""
+    """logits [N, V] fp32 on any device, one row per request -> N token ids. Row i draws with a
+    generator on the logits' device seeded from (seeds[i], token_indices[i]). Host syncs: one for
+    every greedy row together, one per sampled row."""
+    greedy = logits.argmax(-1).tolist() if any(p.temperature == 0.0 for p in params) else []
     out = []
-    for row, p, seed, index in zip(logits, params, seeds, token_indices, strict=True):
-        out.append(int(row.argmax()) if p.temperature == 0.0 else _sample_row(row, p, seed, index))
+    for i, (row, p, seed, index) in enumerate(zip(logits, params, seeds, token_indices, strict=True)):
+        out.append(greedy[i] if p.temperature == 0.0 else _sample_row(row, p, seed, index))
     return out
 
 

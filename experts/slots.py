@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,18 @@ class LayerSlots:
     gate_up: list[torch.Tensor]
     down: list[torch.Tensor]
     slot_to_expert: list[int]
+    # on a GPU: the slots stacked [S, H, 2I] and [S, I, H], gate_up[s]/down[s] views into them
+    _stacked: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    _views: tuple[list[torch.Tensor], list[torch.Tensor]] = field(
+        default_factory=lambda: ([], []), repr=False, compare=False
+    )
+
+    @classmethod
+    def from_stacked(cls, gate_up: torch.Tensor, down: torch.Tensor, slot_to_expert: list[int]) -> LayerSlots:
+        """Slots over stacked weights [S, H, 2I] and [S, I, H], without a copy."""
+        layer = cls(list(gate_up.unbind(0)), list(down.unbind(0)), slot_to_expert)
+        layer._stacked, layer._views = (gate_up, down), (list(layer.gate_up), list(layer.down))
+        return layer
 
     def replace(self, slot: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         """Put one replica in `slot`; the slot right past the last one grows the layer by one."""
@@ -39,18 +51,43 @@ class LayerSlots:
         self.gate_up[slot], self.down[slot], self.slot_to_expert[slot] = gate_up, down, expert
 
     def to(self, device: torch.device) -> LayerSlots:
+        if all(t.device == device for t in self.gate_up + self.down):
+            return self  # read there already: keep the stack
         return LayerSlots(
             [t.to(device) for t in self.gate_up], [t.to(device) for t in self.down], self.slot_to_expert
         )
 
+    def compute_weights(self) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | list[torch.Tensor]]:
+        """What `grouped_swiglu` runs on: on a GPU the stacked slots (one grouped GEMM), on a CPU
+        the per-slot tensors (a loop; nothing is copied). After slots were replaced (a pointer
+        swap) or added, the GPU stack is made afresh once: one layer's slots are copied."""
+        if not self.gate_up or self.gate_up[0].device.type != "cuda":
+            return self.gate_up, self.down
+        views_gu, views_dn = self._views
+        current = len(views_gu) == len(self.gate_up) and all(
+            a is b for a, b in zip(self.gate_up + self.down, views_gu + views_dn, strict=True)
+        )
+        if not current:
+            fresh = LayerSlots.from_stacked(torch.stack(self.gate_up), torch.stack(self.down), [])
+            self.gate_up, self.down = fresh.gate_up, fresh.down
+            self._stacked, self._views = fresh._stacked, fresh._views
+        return self._stacked
+
 
 def load_slots(
-    reader: CheckpointReader, experts_per_layer: Mapping[int, Sequence[int]], dtype: torch.dtype
+    reader: CheckpointReader,
+    experts_per_layer: Mapping[int, Sequence[int]],
+    dtype: torch.dtype,
+    device: torch.device | None = None,
 ) -> dict[int, LayerSlots]:
-    """Read only the listed logical experts of each MoE layer (slot s holds experts_per_layer[l][s])."""
+    """Read only the listed logical experts of each MoE layer (slot s holds experts_per_layer[l][s]),
+    straight to `device` (default CPU)."""
     out = {}
     for layer_idx, expert_ids in experts_per_layer.items():
-        w = reader.expert_rows(layer_idx, list(expert_ids), dtype)
+        w = reader.expert_rows(layer_idx, list(expert_ids), dtype, device)
+        if w.gate_up.device.type == "cuda":  # stacked as read, for the grouped GEMM
+            out[layer_idx] = LayerSlots.from_stacked(w.gate_up, w.down, list(expert_ids))
+            continue
         # clone per slot: a retired slot's memory is then freed on its own
         out[layer_idx] = LayerSlots(
             [t.clone() for t in w.gate_up], [t.clone() for t in w.down], list(expert_ids)
@@ -79,15 +116,21 @@ class ExpertSlots:
 
     @classmethod
     def load(
-        cls, model_dir: str | Path, placement: Placement, worker_idx: int, dtype: torch.dtype
+        cls,
+        model_dir: str | Path,
+        placement: Placement,
+        worker_idx: int,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
     ) -> tuple[ExpertSlots, int]:
-        """The worker's slots under `placement`, read from the checkpoint; also the bytes read."""
+        """The worker's slots under `placement`, read from the checkpoint straight to `device`
+        (default CPU); also the bytes read."""
         with CheckpointReader(Path(model_dir)) as reader:
             cfg = reader.config
             wanted = {
                 layer: placement.experts_on_worker(m, worker_idx) for m, layer in enumerate(cfg.moe_layers)
             }
-            layers = list(load_slots(reader, wanted, dtype).values())
+            layers = list(load_slots(reader, wanted, dtype, device).values())
             bytes_read = reader.bytes_read
         return cls(model_dir, layers, dtype, placement.version), bytes_read
 
@@ -106,9 +149,9 @@ class ExpertSlots:
         with CheckpointReader(self.model_dir) as reader:
             for moe_idx, slot_to_expert in changes.items():
                 layer_idx = reader.config.moe_layers[moe_idx]
-                w = reader.expert_rows(layer_idx, list(slot_to_expert.values()), self.dtype)
+                w = reader.expert_rows(layer_idx, list(slot_to_expert.values()), self.dtype, device)
                 staged[moe_idx] = {
-                    slot: (expert, w.gate_up[i].clone().to(device), w.down[i].clone().to(device))
+                    slot: (expert, w.gate_up[i].clone(), w.down[i].clone())
                     for i, (slot, expert) in enumerate(slot_to_expert.items())
                 }
         self._staged[version] = staged
@@ -149,14 +192,18 @@ class LocalExperts:
         self._moe_index = {layer: m for m, layer in enumerate(sorted(slots))}
 
     @classmethod
-    def from_checkpoint(cls, reader: CheckpointReader, dtype: torch.dtype) -> LocalExperts:
+    def from_checkpoint(
+        cls, reader: CheckpointReader, dtype: torch.dtype, device: torch.device | None = None
+    ) -> LocalExperts:
+        """Every expert, read straight to `device` (default CPU) in `dtype`."""
         cfg = reader.config
         every = range(cfg.num_local_experts)
-        return cls(load_slots(reader, {layer: every for layer in cfg.moe_layers}, dtype))
+        return cls(load_slots(reader, {layer: every for layer in cfg.moe_layers}, dtype, device))
 
     def dispatch(self, layer_idx: int, routed_in: torch.Tensor, expert_idx: torch.Tensor) -> _Done:
         s = self.slots[layer_idx]
         m = self._moe_index[layer_idx]
+        # a plain int (rows are known on the host): counting costs no device sync
         self.rows_per_layer[m] = self.rows_per_layer.get(m, 0) + routed_in.shape[0]
         # identity map: slot e holds logical expert e
-        return _Done(grouped_swiglu(routed_in, expert_idx, s.gate_up, s.down))
+        return _Done(grouped_swiglu(routed_in, expert_idx, *s.compute_weights()))

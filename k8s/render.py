@@ -20,11 +20,13 @@ from typing import Any
 
 import yaml
 
+from engine.kv_sizing import KVCapacity, plan_kv_cache
 from model.presets import DEFAULT_PRESET
 from model.synthetic import cache_dir, cached_checkpoint_path
 from serving import APP_NAME
 from serving.app import ServeAppConfig, build_app
 from serving.grpc_service import SERVICER_FUNCTIONS
+from sim.models import Shape, model_config
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO_DIR / "k8s"
@@ -53,6 +55,7 @@ class Pod:
     memory_gi: int
     shm_gi: int  # /dev/shm (emptyDir in memory): Ray's object store and NCCL's shared-memory transport
     gpus: int = 0
+    gpu_memory_gb: int = 0  # per GPU
 
     @property
     def object_store_bytes(self) -> int:
@@ -74,22 +77,24 @@ class Size:
     idle_timeout_s: int  # the Ray autoscaler removes a worker pod idle this long
     app: dict[str, Any]  # `ServeAppConfig` fields (serving/app.py)
     from_volume: bool  # True: the checkpoint claim; False: made at pod start (the embedded default)
+    model_shape: str | None = None  # `sim.models` name of the served model's shape (GPU sizes)
 
     @property
     def variant(self) -> str:
         return "gpu" if self.worker.gpus else "cpu"
 
 
-# per attention worker (each holds its own sequences and KV cache): 8192 blocks x 16 tokens x
-# 48 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes = 26 GB of bf16 KV cache
+# Each attention worker holds its own sequences and KV cache, sized from what its GPU has left
+# once the non-expert weights are loaded (engine.kv_sizing); `kv_note` says what that holds.
 GPU_ENGINE = {
     "dtype": "bfloat16",
-    "num_kv_blocks": 8192,
+    "kv_cache_memory": 0.9,  # of the free memory after the weights; the rest for activations, NCCL
     "block_size": 16,
     "max_num_seqs": 64,
     "token_budget": 1024,
 }
-H100_NODE = Pod(cpus=64, memory_gi=512, shm_gi=64, gpus=8)
+CUDA_CONTEXT_GB = 1.0  # what the CUDA context and PyTorch take on a GPU before any tensor
+H100_NODE = Pod(cpus=64, memory_gi=512, shm_gi=64, gpus=8, gpu_memory_gb=80)
 GPU_HEAD = Pod(cpus=8, memory_gi=32, shm_gi=8)
 
 SIZES = (
@@ -139,6 +144,7 @@ SIZES = (
             "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 144},
         },
         from_volume=True,
+        model_shape="scout",
     ),
     Size(
         name="maverick-2x8gpu",
@@ -163,8 +169,53 @@ SIZES = (
             "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 144},
         },
         from_volume=True,
+        model_shape="maverick",
     ),
 )
+
+
+# -- KV capacity ----------------------------------------------------------------------------
+
+
+def attention_worker_kv(size: Size) -> KVCapacity | None:
+    """What one attention worker's KV cache holds on the size's GPU: its memory less the CUDA
+    context and the non-expert weights in bf16, times `kv_cache_memory` (an estimate of what
+    the engine measures at start-up). None for sizes without a GPU model."""
+    if size.model_shape is None:
+        return None
+    cfg, engine = model_config(size.model_shape), ServeAppConfig.model_validate(size.app).engine
+    weights = Shape.of(cfg).non_expert_params * 2
+    free = int((size.worker.gpu_memory_gb - CUDA_CONTEXT_GB) * 1e9) - weights
+    per_block = engine.block_size * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+    return plan_kv_cache(
+        engine.num_kv_blocks,
+        engine.kv_cache_memory,
+        engine.block_size,
+        per_block,
+        [cfg.is_chunked(i) for i in range(cfg.num_hidden_layers)],
+        cfg.attention_chunk_size,
+        engine.token_budget,
+        cfg.max_position_embeddings,
+        lambda: free,
+    )
+
+
+def kv_note(size: Size) -> str:
+    """The manifest's header lines on KV capacity (empty for sizes without a GPU model)."""
+    kv = attention_worker_kv(size)
+    if kv is None:
+        return ""
+    context = model_config(size.model_shape).max_position_embeddings
+    fits = (
+        "the model's whole context" if kv.max_sequence_tokens >= context else f"not the model's {context:,}"
+    )
+    return (
+        f"# KV cache per attention worker, estimated for {size.worker.gpu_memory_gb} GB GPUs: "
+        f"{kv.bytes_total / 1e9:.1f} GB of bf16 (kv_cache_memory\n# "
+        f"{ServeAppConfig.model_validate(size.app).engine.kv_cache_memory:g} of what the weights leave), "
+        f"{kv.full_depth_tokens:,} tokens at full depth; one sequence of up to\n# "
+        f"{kv.max_sequence_tokens:,} tokens, {fits} (a request that cannot fit is refused when it arrives)\n"
+    )
 
 
 # -- versions and image ---------------------------------------------------------------------
@@ -398,7 +449,8 @@ def render_all(registry: str = "") -> dict[str, str]:
     """{file name under k8s/: text} for every generated manifest."""
     files = {}
     for size in SIZES:
-        files[f"{size.name}.yaml"] = f"{GENERATED}# {size.summary}\n{_dump(ray_service(size, registry))}"
+        header = f"{GENERATED}# {size.summary}\n{kv_note(size)}"
+        files[f"{size.name}.yaml"] = f"{header}{_dump(ray_service(size, registry))}"
     files["checkpoint-volume.yaml"] = (
         f"{GENERATED}# The checkpoint volume of the GPU sizes, and a job that fills it from Hugging Face.\n"
         f"{_dump(checkpoint_claim())}---\n{_dump(fetch_job(registry))}"

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
+from model.device import check_dtype_name, resolve_dtype
 from model.vision_config import VisionConfig
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -231,13 +232,22 @@ class CheckpointReader:
             )
         return f, full
 
-    def tensor(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """Read a whole tensor, check its shape, convert to `dtype`."""
+    def tensor(
+        self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """Read a whole tensor, check its shape, put it on `device` (default CPU) in `dtype`."""
         f, full = self._locate(name, tuple(shape))
-        return f.read(full).to(dtype)
+        return place(f.read(full), dtype, device)
 
-    def expert_rows(self, layer_idx: int, expert_ids: Sequence[int], dtype: torch.dtype) -> ExpertWeights:
-        """Only the given experts of one MoE layer: gate_up [n, H, 2I] and down [n, I, H].
+    def expert_rows(
+        self,
+        layer_idx: int,
+        expert_ids: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+    ) -> ExpertWeights:
+        """Only the given experts of one MoE layer: gate_up [n, H, 2I] and down [n, I, H], on
+        `device` (default CPU) in `dtype`.
 
         Reads just those experts' bytes from the fused tensors, never the whole tensor.
         """
@@ -252,8 +262,8 @@ class CheckpointReader:
         f_gu, gu_name = self._locate(prefix + "gate_up_proj", (e, h, 2 * i))
         f_dn, dn_name = self._locate(prefix + "down_proj", (e, i, h))
         return ExpertWeights(
-            gate_up=f_gu.read_rows(gu_name, expert_ids).to(dtype),
-            down=f_dn.read_rows(dn_name, expert_ids).to(dtype),
+            gate_up=place(f_gu.read_rows(gu_name, expert_ids), dtype, device),
+            down=place(f_dn.read_rows(dn_name, expert_ids), dtype, device),
         )
 
     @property
@@ -272,6 +282,57 @@ class CheckpointReader:
         self.close()
 
 
+class TensorDict:
+    """Weights already in memory (canonical names, as `model.synthetic.random_weights` makes
+    them) behind the reading half of `CheckpointReader`'s interface: what builds an engine from
+    tensors made on a GPU without writing a checkpoint. Shapes are checked as the reader checks
+    them; tensors already on `device` in `dtype` are used as they are (no copy)."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+        self.config = config
+        self.tensors = tensors
+
+    def _get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in self.tensors:
+            raise CheckpointError(f"missing tensor {name!r}")
+        t = self.tensors[name]
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+        return t
+
+    def tensor(
+        self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device | None = None
+    ) -> torch.Tensor:
+        return self._get(name, tuple(shape)).to(device=device or torch.device("cpu"), dtype=dtype)
+
+    def expert_rows(
+        self,
+        layer_idx: int,
+        expert_ids: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+    ) -> ExpertWeights:
+        cfg = self.config
+        e, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        prefix = f"layers.{layer_idx}.feed_forward.experts."
+        device = device or torch.device("cpu")
+        gate_up = self._get(prefix + "gate_up_proj", (e, h, 2 * i)).to(device=device, dtype=dtype)
+        down = self._get(prefix + "down_proj", (e, i, h)).to(device=device, dtype=dtype)
+        if list(expert_ids) == list(range(e)):
+            return ExpertWeights(gate_up, down)  # all of them, in order: no copy
+        ids = torch.tensor(list(expert_ids), dtype=torch.long).to(device)
+        return ExpertWeights(gate_up.index_select(0, ids), down.index_select(0, ids))
+
+
+def place(t: torch.Tensor, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    """The checkpoint's bytes on `device` in `dtype`. To a GPU the stored bytes travel as they
+    are (bf16 checkpoints: half the bytes of fp32) and are converted there; no fp32 copy of a
+    tensor is ever made on the host for a GPU."""
+    if device is None or device.type == "cpu":
+        return t.to(dtype)
+    return t.to(device).to(dtype)
+
+
 @dataclass(frozen=True)
 class ExpertWeights:
     """Weights of n experts of one layer. gate_up: [n, H, 2I] (gate columns first); down: [n, I, H]."""
@@ -281,14 +342,8 @@ class ExpertWeights:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if name not in names:
-        raise ValueError(f"unknown dtype {name!r} (allowed: {', '.join(sorted(names))})")
-    return names[name]
+    """An explicit dtype name (float32, bfloat16, float16 and their short forms); `auto` needs a
+    device (`model.device.resolve_dtype`)."""
+    if check_dtype_name(name) == "auto":
+        raise ValueError("dtype 'auto' depends on the device: use model.device.resolve_dtype")
+    return resolve_dtype(name, "cpu")

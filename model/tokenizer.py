@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llama_models.llama4.tokenizer import Tokenizer as MetaTokenizer
 from tokenizers import Tokenizer as HFTokenizer
 
 BEGIN_OF_TEXT = 200000
@@ -49,6 +48,10 @@ class Tokenizer:
             self.tokenizer_json: str | None = str(own)
             self.tiktoken_encoding = None
         else:
+            # imported here: a checkpoint with its own tokenizer.json (and the GPU check, which
+            # runs where llama-models and tiktoken are not installed) never needs them
+            from llama_models.llama4.tokenizer import Tokenizer as MetaTokenizer
+
             meta = MetaTokenizer.get_instance()
             self._encode = lambda s: meta.encode(s, bos=False, eos=False)
             self._decode = meta.decode

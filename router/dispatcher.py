@@ -13,11 +13,21 @@ M..M+N-1. Every rank joins every exchange, in the same order, once per MoE layer
 
 Expert ranks learn that a step comes from the header the driver writes before it
 (`cluster.membership`); they need no Ray call per step.
+
+Every tensor lives on the rank's device (NCCL takes only GPU tensors): rows, results, counts,
+load statistics and the placement's lookup tables. Host syncs per MoE layer, the minimum the
+transport needs, since `all_to_all_single` takes its split sizes as Python ints:
+- attention rank: 1, the rows per destination rank (`Route.splits`); in a layer where some
+  expert has several replicas 5 more: `router.routing.choose_replica` reads its inputs' range
+  (4) and `router.placement.occurrence_rank` uses CUDA's bincount (1);
+- expert rank: 1, the rows per source rank, which also size the receive buffer; plus the expert
+  compute's own (`experts.swiglu.grouped_swiglu`: none with the grouped GEMM, one per-slot loop);
+- load statistics stay on the device and reach the host once per step (`take_load`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -105,12 +115,13 @@ class AttentionDispatcher:
 
     @property
     def placement(self) -> Placement:
-        return self._replicas.placement
+        return self._placement
 
     @placement.setter
     def placement(self, placement: Placement) -> None:
-        """A new map (between steps: a step uses one version)."""
-        self._replicas = ReplicaTable(placement)
+        """A new map (between steps: a step uses one version); its lookups go to the device once."""
+        self._placement = placement
+        self._replicas = ReplicaTable(_placement_on(placement, self.device))
 
     def end_step(self, completed: bool) -> None:
         """Count this step's rows (a step that failed and will be replayed counts nothing)."""
@@ -124,12 +135,12 @@ class AttentionDispatcher:
     def reset_load(self) -> None:
         """Start a new window of load counts (tokens per logical expert and per physical slot)."""
         p = self.placement
-        self.expert_load = torch.zeros((p.num_layers, p.num_experts), dtype=torch.long)
-        self.slot_load = torch.zeros((p.num_layers, p.num_slots), dtype=torch.long)
+        self.expert_load = torch.zeros((p.num_layers, p.num_experts), dtype=torch.long, device=self.device)
+        self.slot_load = torch.zeros((p.num_layers, p.num_slots), dtype=torch.long, device=self.device)
 
     def take_load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Counts since the last call: expert_load [L, E] and slot_load [L, W*S] (int64)."""
-        load = (self.expert_load, self.slot_load)
+        """Counts since the last call, on the host: expert_load [L, E] and slot_load [L, W*S] (int64)."""
+        load = (self.expert_load.cpu(), self.slot_load.cpu())
         self.reset_load()
         return load
 
@@ -139,7 +150,7 @@ class AttentionDispatcher:
         layout = self.layout
         slot = self._replicas.slots(moe_idx, expert_idx, self.step_id + self.dp_rank)
         key = slot + layout.first_expert_key
-        counts = torch.bincount(key, minlength=layout.num_keys)
+        counts = count_ids(key, layout.num_keys)
         splits = counts.view(layout.world_size, layout.slots_per_worker).sum(1).tolist()
         return Route(torch.argsort(key, stable=True), counts, splits)
 
@@ -148,7 +159,7 @@ class AttentionDispatcher:
         m = self.moe_index[layer_idx]
         route = self.route(m, expert_idx)
         self._count_load(m, expert_idx, route.counts)
-        dist.all_to_all_single(torch.empty_like(route.counts), route.counts.to(self.device))
+        dist.all_to_all_single(torch.empty_like(route.counts), route.counts)
         rows = routed_in.index_select(0, route.order)  # a third of advanced indexing's cost on CPU
         recv = rows.new_empty((0, rows.shape[1]))
         work = dist.all_to_all_single(
@@ -159,9 +170,28 @@ class AttentionDispatcher:
         return PendingRows(self, route.order, route.splits, work, rows.shape[0], routed_in)
 
     def _count_load(self, moe_idx: int, expert_idx: torch.Tensor, counts: torch.Tensor) -> None:
-        self.expert_load[moe_idx] += torch.bincount(expert_idx.cpu(), minlength=self.placement.num_experts)
+        self.expert_load[moe_idx] += count_ids(expert_idx, self.placement.num_experts)
         # the keys past the attention ranks are the global slots
-        self.slot_load[moe_idx] += counts[self.layout.first_expert_key :].cpu()
+        self.slot_load[moe_idx] += counts[self.layout.first_expert_key :]
+
+
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in ids [T] (int64 [n]). On a GPU without the host sync of
+    CUDA's bincount (it reads the largest id to size its output)."""
+    if ids.device.type == "cpu":
+        return torch.bincount(ids, minlength=n)
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
+
+
+def _placement_on(placement: Placement, device: torch.device) -> Placement:
+    if device.type == "cpu":
+        return placement
+    return replace(
+        placement,
+        phy2log=placement.phy2log.to(device),
+        log2phy=placement.log2phy.to(device),
+        logcnt=placement.logcnt.to(device),
+    )
 
 
 class ExpertServer:

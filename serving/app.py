@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
 from starlette.requests import Request
@@ -24,6 +24,7 @@ from starlette.responses import Response
 from cluster.config import ClusterConfig
 from cluster.placement_groups import bundles
 from engine.core import EngineConfig
+from engine.kv_sizing import parse_kv_cache_memory
 from model.synthetic import default_checkpoint
 from router.rebalancing import RebalanceConfig
 from serving.engine_server import EngineServer, EngineSpec
@@ -45,10 +46,20 @@ class EngineArgs(BaseModel):
     block_size: int = Field(16, ge=1)
     max_num_seqs: int = Field(64, ge=1)
     token_budget: int = Field(512, ge=1)
-    dtype: str = "float32"
+    dtype: str = Field("auto", description="auto: bfloat16 on GPUs, float32 on CPUs")
+    kv_cache_memory: float | str | None = Field(
+        None,
+        description="KV cache per attention worker: a fraction in (0, 1] of the device memory free "
+        "after the weights, or a size (40GiB); sizes the pool instead of num_kv_blocks",
+    )
 
-    def to_config(self) -> EngineConfig:
-        return EngineConfig(**self.model_dump())
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _kv_memory(cls, value: float | str | None) -> float | None:
+        return None if value is None else parse_kv_cache_memory(value)
+
+    def to_config(self, device: str = "cpu") -> EngineConfig:
+        return EngineConfig(**self.model_dump(), device=device)
 
 
 class AutoscalingArgs(BaseModel):
@@ -179,7 +190,7 @@ class ServeAppConfig(BaseModel):
                 "vision_workers need the disaggregated engine (expert_workers >= 1); "
                 "the single-process engine encodes images in-process"
             )
-        self.engine.to_config()  # EngineConfig's own checks (dtype, ...)
+        self.engine.to_config(self.device)  # EngineConfig's own checks (dtype, ...)
         self.media.to_config()
         self.cluster_config()
         return self
@@ -291,7 +302,9 @@ def build_app(config: ServeAppConfig) -> Application:
         config = ServeAppConfig.model_validate(config)
     model_dir = resolve_model(config.model)
     resources = ray.cluster_resources() if ray.is_initialized() else {"CPU": 1.0}
-    spec = EngineSpec(model_dir, config.engine.to_config(), config.cluster_config(), config.max_pending)
+    # the single-process engine (expert_workers 0) computes on the replica's own GPU
+    engine_cfg = config.engine.to_config(config.device)
+    spec = EngineSpec(model_dir, engine_cfg, config.cluster_config(), config.max_pending)
     engine = EngineDeployment.options(
         max_ongoing_requests=config.max_ongoing_requests or config.max_pending + 32,
         max_queued_requests=config.max_queued_requests,

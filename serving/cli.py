@@ -76,6 +76,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="workers' device")
     _add_image_arguments(p)
+    p.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV cache per attention worker: a fraction of the memory free after the weights (0.9) "
+        "or a size (40GiB); default: a fixed 4096 blocks",
+    )
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--http-port", type=_count("--http-port", 1), default=DEFAULT_HTTP_PORT)
     p.add_argument(
@@ -207,6 +213,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         },
         cpus_per_worker=args.cpus_per_worker,
         device=args.device,
+        engine={"kv_cache_memory": args.kv_cache_memory},
         max_pending=args.max_pending,
         api_key=args.api_key,
         strict_requests=args.strict_requests,

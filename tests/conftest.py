@@ -5,8 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from model.synthetic import make_checkpoint
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests need CUDA: without it they are skipped, and the skip says why."""
+    if torch.cuda.is_available():
+        return
+    reason = (
+        f"needs a CUDA GPU: torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees none here; "
+        "tests/engine/test_device.py covers the device path on a fake GPU"
+    )
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import torch
 from PIL import Image
 
 from engine.core import EngineConfig
@@ -152,3 +153,18 @@ def test_generate_with_an_image_equals_the_engine(tiny_maverick, tmp_path):
         "generate", "--model", str(tiny_maverick), "--chat", "x", "--image", str(tmp_path / "not.png")
     )
     assert r.returncode == 2 and "not an image" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_sizes_the_kv_cache_from_memory_and_refuses_bad_devices(tiny_maverick):
+    ok = llama4_ep(
+        "generate", "--model", str(tiny_maverick), "--prompt-ids", "1,2,3", "--max-tokens", "2",
+        "--kv-cache-memory", "32MiB",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "KV cache: 8192 blocks of 16 tokens (32.0 MiB, kv_cache_memory 32.0 MiB)" in ok.stderr
+    bad = llama4_ep("generate", "--model", str(tiny_maverick), "--prompt-ids", "1", "--kv-cache-memory", "7")
+    assert bad.returncode == 2 and "--kv-cache-memory" in bad.stderr and "40GiB" in bad.stderr
+    if not torch.cuda.is_available():
+        no_gpu = llama4_ep("generate", "--model", str(tiny_maverick), "--prompt-ids", "1", "--device", "cuda")
+        assert no_gpu.returncode == 2 and "no CUDA GPU is visible" in no_gpu.stderr
+        assert "Traceback" not in no_gpu.stderr

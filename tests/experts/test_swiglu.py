@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from experts.swiglu import expert_swiglu, grouped_swiglu
+from experts.swiglu import _grouped, expert_swiglu, grouped_swiglu
 
 
 def test_grouped_equals_per_row_loop():
@@ -38,3 +38,46 @@ def test_gate_columns_come_first():
     gate_up = torch.tensor([[[0.0, 1.0]], [[0.0, 1.0]]]).reshape(2, 2)  # gate column 0 -> silu(0) = 0
     down = torch.ones(1, 2)
     assert torch.equal(expert_swiglu(x, gate_up, down), torch.zeros(1, 2))
+
+
+def _old_grouped_swiglu(x, slot_idx, gate_up, down):
+    """The per-slot loop as it was before the grouped GEMM path: the CPU must still give exactly this."""
+    out = torch.empty_like(x)
+    order = torch.argsort(slot_idx, stable=True)
+    slots, counts = torch.unique_consecutive(slot_idx[order], return_counts=True)
+    start = 0
+    for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
+        rows = order[start : start + count]
+        out[rows] = expert_swiglu(x[rows], gate_up[slot], down[slot])
+        start += count
+    return out
+
+
+def _inputs(rows: int, slots: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, 16, generator=g).to(dtype)
+    gate_up = torch.randn(slots, 16, 32, generator=g).to(dtype)
+    down = torch.randn(slots, 16, 16, generator=g).to(dtype)
+    slot = torch.randint(0, slots - 1, (rows,), generator=g)  # the last slot gets no rows
+    return x, slot, gate_up, down
+
+
+def test_cpu_results_are_exactly_the_per_slot_loop():
+    for dtype in (torch.float32, torch.bfloat16):
+        x, slot, gate_up, down = _inputs(37, 6, dtype)
+        expected = _old_grouped_swiglu(x, slot, gate_up, down)
+        assert torch.equal(grouped_swiglu(x, slot, gate_up, down), expected)  # stacked slots
+        assert torch.equal(grouped_swiglu(x, slot, list(gate_up), list(down)), expected)  # per-slot tensors
+
+
+def test_grouped_gemm_path_equals_the_loop():
+    """The GPU path's arithmetic, run here on the CPU (torch's grouped GEMM has a CPU kernel for
+    fp32): rows out of slot order, empty slots, one slot with every row."""
+    for rows, slots in ((37, 6), (5, 3), (1, 2)):
+        x, slot, gate_up, down = _inputs(rows, slots)
+        torch.testing.assert_close(
+            _grouped(x, slot, gate_up, down), _old_grouped_swiglu(x, slot, gate_up, down)
+        )
+    x, _, gate_up, down = _inputs(9, 4)
+    every = torch.full((9,), 2)
+    torch.testing.assert_close(_grouped(x, every, gate_up, down), expert_swiglu(x, gate_up[2], down[2]))

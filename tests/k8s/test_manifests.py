@@ -24,8 +24,11 @@ from pydantic import BaseModel
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 import model.synthetic
+from engine.kv_sizing import max_sequence_tokens
 from k8s import render as k8s_render
+from model.config import ModelConfig
 from serving.app import ServeAppConfig, replica_resources
+from sim.models import model_config
 
 REPO = Path(__file__).parents[2]
 K8S = REPO / "k8s"
@@ -241,6 +244,56 @@ def test_expert_slots_fit_an_h100(name: str) -> None:
     slots = math.ceil(experts / cfg.expert_workers)
     assert slots * moe_layers * gb_per_expert < 0.9 * H100_GB
     assert cfg.engine.dtype in ("bfloat16", "bf16")
+
+
+def _served_model(name: str) -> ModelConfig:
+    """The shape behind a manifest's checkpoint: Llama-4-Scout-... is scout, tiny-maverick-seed0
+    its preset."""
+    stem = Path(app_config(name).model).name
+    if stem.startswith("Llama-4-"):
+        return model_config(stem.split("-")[2].lower())
+    return model_config(stem.rsplit("-seed", 1)[0])
+
+
+def _non_expert_bytes(cfg: ModelConfig) -> int:
+    """bf16 bytes of what an attention worker holds, counted from the config (norms included)."""
+    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    params = 2 * cfg.vocab_size * h + h
+    for i in range(cfg.num_hidden_layers):
+        params += 2 * h * q + 2 * h * kv + 2 * h
+        params += 3 * h * cfg.intermediate_size + cfg.num_local_experts * h if cfg.is_moe(i) else 0
+        params += 0 if cfg.is_moe(i) else 3 * h * cfg.intermediate_size_mlp
+    return 2 * params
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_kv_holds_the_advertised_context_or_the_manifest_says_what_it_holds(name: str) -> None:
+    """Per attention worker: GPU sizes take the KV cache from the memory the weights leave on an
+    H100 (kv_cache_memory); the longest sequence that fits must reach the model's context, or the
+    manifest's header says how many tokens it holds (within 0.1% of this estimate)."""
+    cfg, engine = _served_model(name), app_config(name).engine
+    if name in GPU_SERVICES:
+        assert engine.kv_cache_memory is not None and 0 < engine.kv_cache_memory <= 1
+        free = (H100_GB - 1) * 1e9 - _non_expert_bytes(cfg)
+        per_block = engine.block_size * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+        num_blocks = int(engine.kv_cache_memory * free) // per_block
+    else:
+        assert engine.kv_cache_memory is None
+        num_blocks = engine.num_kv_blocks
+    chunked = [cfg.is_chunked(i) for i in range(cfg.num_hidden_layers)]
+    context = cfg.max_position_embeddings
+    longest = max_sequence_tokens(
+        num_blocks, engine.block_size, chunked, cfg.attention_chunk_size, engine.token_budget, context
+    )
+    if longest >= context:
+        return
+    header = " ".join(
+        line.removeprefix("# ") for line in (K8S / name).read_text().splitlines() if line[:1] == "#"
+    )
+    said = re.search(r"one sequence of up to ([\d,]+) tokens", header)
+    assert said, f"{name}: its KV holds {longest} of the model's {context} tokens and it does not say so"
+    assert abs(int(said.group(1).replace(",", "")) - longest) <= longest / 1000
+    assert f"not the model's {context:,}" in header
 
 
 def test_cpu_demo_uses_no_gpu_and_deploys_with_only_the_head_up() -> None:

@@ -41,6 +41,9 @@ def test_defaults_are_one_attention_and_two_expert_workers():
         {"rebalance": {"enabled": True, "intervall_steps": 8}},
         {"expert_workers": 0, "rebalance": {"enabled": True}},
         {"expert_workers": 0, "redundant_slots": 1},
+        {"engine": {"kv_cache_memory": 0}},
+        {"engine": {"kv_cache_memory": "lots"}},
+        {"engine": {"dtype": "auto", "kv_cache_memory": 7}},
     ],
 )
 def test_bad_arguments_are_refused(args):
@@ -89,6 +92,20 @@ def test_colocated_replica_runs_the_model_itself():
     opts = replica_resources(ServeAppConfig(expert_workers=0), 2.0, 0.0)
     assert "placement_group_bundles" not in opts
     assert opts["ray_actor_options"]["num_cpus"] == 1.0
+
+
+def test_a_colocated_gpu_replica_computes_on_its_gpu(tiny_maverick):
+    """The replica reserves one GPU, and its engine (no expert workers) is told to use it."""
+    args = {"model": str(tiny_maverick), "expert_workers": 0, "device": "cuda"}
+    cfg = ServeAppConfig.model_validate({**args, "engine": {"kv_cache_memory": "2GiB"}})
+    assert replica_resources(cfg, 8.0, 1.0)["ray_actor_options"]["num_gpus"] == 1.0
+    app_args = {**args, "engine": {"kv_cache_memory": 0.9}}
+    app = call_user_app_builder_with_args_if_necessary(build_app, app_args)
+    engine_spec = app._bound_deployment.init_args[0]._bound_deployment.init_args[0]
+    assert engine_spec.cluster is None
+    assert (engine_spec.engine.device, engine_spec.engine.dtype) == ("cuda", "auto")
+    assert engine_spec.engine.kv_cache_memory == 0.9
+    assert cfg.engine.to_config(cfg.device).kv_cache_memory == 2 * 2**30
 
 
 def test_fixed_sizes_do_not_depend_on_the_cluster_right_now():
