@@ -215,7 +215,8 @@ class _Fleet:
         want, self.state = serve_decide(self.policy, float(np.mean(window)), len(live), now, self.state)
         for _ in range(want - len(live)):
             self.add(now, now + self.start_s)
-        for r in sorted(live, key=lambda r: (r.ready_s <= now, r.sim.num_unfinished))[: len(live) - want]:
+        surplus = max(0, len(live) - want)
+        for r in sorted(live, key=lambda r: (r.ready_s <= now, r.sim.num_unfinished))[:surplus]:
             r.leaving = True  # a starting one goes first, then the least busy
         self.stop_drained(now)
 

@@ -4,6 +4,8 @@ autoscaler (the engine's own) scales up under a step within its bounds and decid
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -174,6 +176,9 @@ def test_serve_replicas_scale_up_under_a_step_and_lose_nothing():
     run = run_serve(tiny_config(), policy, FAST, step_load())
     assert len(run.requests) == 120 and all(r.finish_s is not None for r in run.requests)
     assert max(n for _, n in run.held) > 2 and run.held[0] == (0.0, 2)  # 1 + 1 workers a replica
+    up_only = replace(policy, max_replicas=5, target_ongoing_requests=2, downscale_delay_s=1e6)
+    held = [n for _, n in run_serve(tiny_config(), up_only, FAST, step_load(150, "ramp:2:60:3")).held]
+    assert held == sorted(held) and held[-1] > 4  # up in steps; none may leave on the way
     fixed = run_serve(tiny_config(), ServePolicy(2, 2), FAST, step_load())
     assert [n for _, n in fixed.held] == [2, 4] and fixed.policy == "fixed-2"
 
