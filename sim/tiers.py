@@ -1,6 +1,6 @@
 """Elastic tiers against whole-replica autoscaling, simulated: GPUs held against SLO attainment.
 
-    python -m sim tiers --load diurnal:8:56:600 --load bursty:8:48:60:200 --duration 600
+    python -m sim tiers            # a diurnal and a bursty load over 600 simulated seconds
 
 Every policy serves the same requests on the simulated clock (`sim.cluster`: the engine's own
 scheduler, KV manager and router on the cost model):
@@ -346,8 +346,8 @@ def add_tiers_arguments(p: argparse.ArgumentParser) -> None:
         "--load", action="append", help="arrivals (repeatable); default a diurnal and a bursty load"
     )
     p.add_argument("--duration", type=float, default=600.0, help="simulated seconds of arrivals")
-    p.add_argument("--prompt", default="lognormal:1024:0.6")
-    p.add_argument("--output", default="lognormal:128:0.6")
+    p.add_argument("--prompt", default="lognormal:1024:0.5")
+    p.add_argument("--output", default="lognormal:96:0.5")
     p.add_argument("--max-len", type=int, default=8192)
     p.add_argument("--max-num-seqs", type=int, default=128, help="per attention rank")
     p.add_argument(
@@ -357,22 +357,24 @@ def add_tiers_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-blocks", type=int, default=None, help="per rank (default: what fits in memory)")
     p.add_argument("--ttft-slo", type=float, default=2.0, help="seconds")
     p.add_argument("--tpot-slo", type=float, default=40.0, help="milliseconds")
-    p.add_argument("--target-ongoing", type=float, default=160.0, help="Serve: ongoing requests per replica")
+    p.add_argument("--target-ongoing", type=float, default=40.0, help="Serve: ongoing requests per replica")
     p.add_argument(
-        "--target-tokens", type=float, default=12.0, help="tiers: routed tokens per step per expert worker"
+        "--target-tokens", type=float, default=50.0, help="tiers: routed tokens per step per expert worker"
     )
-    p.add_argument("--target-kv", type=float, default=0.5, help="tiers: the busiest rank's KV usage")
+    p.add_argument("--target-kv", type=float, default=0.04, help="tiers: the busiest rank's KV usage")
     p.add_argument("--upscale-delay", type=float, default=5.0, help="both autoscalers")
     p.add_argument("--downscale-delay", type=float, default=30.0, help="both autoscalers")
     p.add_argument("--worker-start", type=float, default=10.0, help="seconds before a new worker loads")
     p.add_argument("--load-gbps", type=float, default=5.0, help="GB/s a new worker loads its weights at")
-    p.add_argument("--policies", default="fixed-min,fixed-max,serve,tiers")
+    p.add_argument(
+        "--policies", default="fixed-min,serve,tiers", help="of fixed-min, fixed-max, serve, tiers"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the rows and the sizes over time here")
 
 
 def tiers_command(args: argparse.Namespace) -> int:
-    loads = args.load or [f"diurnal:8:56:{args.duration:g}", f"bursty:8:48:60:{args.duration / 3:g}"]
+    loads = args.load or [f"diurnal:4:36:{args.duration:g}", f"bursty:6:30:60:{args.duration / 3:g}"]
     cfg = SimConfig(
         model=model_config(args.model),
         hardware=HARDWARE[args.hardware],
