@@ -200,6 +200,7 @@ def test_cli_prints_the_table(capsys):
     args += ["--load", "step:2:20:1", "--prompt", "uniform:4:16", "--output", "const:4"]
     args += ["--worker-start", "0.1", "--upscale-delay", "0.2", "--downscale-delay", "0.5"]
     args += ["--target-ongoing", "2", "--target-tokens", "2", "--max-num-seqs", "4", "--kv-blocks", "512"]
+    args += ["--policies", "fixed-min,fixed-max,serve,tiers"]
     assert main(args) == 0
     out = capsys.readouterr().out
     for policy in ("| fixed-1 |", "| fixed-2 |", "| serve |", "| tiers |"):
