@@ -26,6 +26,7 @@ from router.rebalancing import RebalanceConfig
 from sim.cluster import Rearrangement, RequestTimes, SimCluster, SimConfig, StepRecord
 from sim.costmodel import HARDWARE, Precision
 from sim.models import model_config
+from sim.tiers import add_tiers_arguments, tiers_command
 from sim.workload import ArrivalSpec, LengthSpec, Workload, make_workload
 
 
@@ -270,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sim", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_arguments(sub.add_parser("run", help="simulate a workload on a modelled GPU cluster"))
+    add_tiers_arguments(sub.add_parser("tiers", help="elastic tiers against whole-replica autoscaling"))
     args = parser.parse_args(argv)
     try:
-        return run_command(args)
+        return (tiers_command if args.command == "tiers" else run_command)(args)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
