@@ -7,7 +7,8 @@ worker's requests move: recomputed on the others). For each change:
 
 - resize seconds: from the request to the new size serving (`cluster.resize.ResizeStats`);
 - max step ratio: the longest step between the request and the switch (the switch included)
-  against the median step of the steady stretch before it, at the old size;
+  against the median step of the steady stretch before it, at the old size; the switch step's
+  own time beside it;
 - and, over the whole run, requests failed (fewer tokens than asked, or an error) and whether the
   tokens equal the single-process engine's on the same prompts.
 
@@ -42,7 +43,8 @@ class Change:
     after: tuple[int, int]
     resize_s: float
     steady_step_s: float  # median step at the old size, just before
-    max_step_s: float  # the longest step while the change was in flight
+    max_step_s: float  # the longest step while the change was in flight (the switch included)
+    switch_step_s: float  # the step that switched to the new members
     steps: int  # steps while it was in flight
 
     def row(self) -> dict:
@@ -54,6 +56,7 @@ class Change:
             "steps_during": self.steps,
             "steady_step_ms": round(1000 * self.steady_step_s, 2),
             "max_step_ms": round(1000 * self.max_step_s, 2),
+            "switch_step_ms": round(1000 * self.switch_step_s, 2),
             "max_step_ratio": round(self.max_step_s / self.steady_step_s, 2),
         }
 
@@ -90,7 +93,8 @@ class _Run:
         times = []
         while len(e.resizer.stats.seconds) == done:  # until the new size serves
             times.append(self.step())
-        return Change(name, before, size, e.resizer.stats.seconds[-1], steady, max(times), len(times))
+        seconds = e.resizer.stats.seconds[-1]
+        return Change(name, before, size, seconds, steady, max(times), times[-1], len(times))
 
 
 def run_resize(
@@ -149,12 +153,12 @@ def cmd_resize(args: argparse.Namespace) -> int:
     print(f"resize on {model.name}: {args.requests} requests x {args.max_tokens} tokens, "
           f"{small} <-> {large} (attention, expert) workers")  # fmt: skip
     print(f"{'change':<8} {'from':>8} {'to':>8} {'resize s':>9} {'steps':>6} {'steady ms':>10} "
-          f"{'max step ms':>12} {'ratio':>6}")  # fmt: skip
+          f"{'max step ms':>12} {'switch ms':>10} {'ratio':>6}")  # fmt: skip
     for r in rows:
         print(
             f"{r['change']:<8} {str(tuple(r['from'])):>8} {str(tuple(r['to'])):>8} {r['resize_s']:>9.2f} "
             f"{r['steps_during']:>6} {r['steady_step_ms']:>10.1f} {r['max_step_ms']:>12.1f} "
-            f"{r['max_step_ratio']:>6.2f}"
+            f"{r['switch_step_ms']:>10.1f} {r['max_step_ratio']:>6.2f}"
         )
     print(
         json.dumps(
