@@ -44,6 +44,12 @@ def _faults(args: argparse.Namespace) -> int:
     return cmd_faults(args)
 
 
+def _resize(args: argparse.Namespace) -> int:
+    from bench.resize import cmd_resize  # lazy: start-up time of the CLI
+
+    return cmd_resize(args)
+
+
 def _vision(args: argparse.Namespace) -> int:
     from bench.vision import cmd_vision  # lazy: start-up time of the CLI
 
@@ -96,6 +102,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     add_bench_serve_parser(bench)
     _add_replication_parser(bench)
     _add_faults_parser(bench)
+    _add_resize_parser(bench)
     _add_vision_parser(bench)
     _add_gpu_parser(bench)
 
@@ -179,8 +186,24 @@ def _add_replication_parser(bench: argparse._SubParsersAction) -> None:
     r.add_argument("--threshold", type=float, help="RebalanceConfig.imbalance_threshold")
     r.add_argument("--min-gain", type=float, help="RebalanceConfig.min_gain")
     r.add_argument("--report-every", type=int, help="RebalanceConfig.report_every")
+    r.add_argument("--shift-steps", type=int, help="RebalanceConfig.shift_steps")
+    r.add_argument(
+        "--shift-threshold",
+        type=_threshold,
+        help="RebalanceConfig.shift_threshold ('off': no shift detection)",
+    )
     r.add_argument("--plot", type=Path, default=Path(tempfile.gettempdir()) / "llama4-ep-replication.png")
     r.set_defaults(func=_replication)
+
+
+def _threshold(text: str) -> float | str:
+    """A number, or 'off' (kept as the string: unset options are None, so None cannot mean off)."""
+    if text == "off":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need a number or 'off', got {text!r}") from None
 
 
 def _add_faults_parser(bench: argparse._SubParsersAction) -> None:
@@ -198,3 +221,28 @@ def _add_faults_parser(bench: argparse._SubParsersAction) -> None:
     f.add_argument("--kill-at-step", type=int, default=6)
     f.add_argument("--num-cpus", type=float, default=2, help="CPUs of the local Ray instance")
     f.set_defaults(func=_faults)
+
+
+def _tier_sizes(text: str) -> tuple[int, int]:
+    """'1+2' -> (1 attention, 2 expert workers)."""
+    try:
+        attention, expert = (int(x) for x in text.split("+"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"write ATTENTION+EXPERT workers, e.g. 1+2; got {text!r}") from None
+    if attention < 1 or expert < 1:
+        raise argparse.ArgumentTypeError(f"at least one worker per tier, got {text!r}")
+    return attention, expert
+
+
+def _add_resize_parser(bench: argparse._SubParsersAction) -> None:
+    r = bench.add_parser("resize", help="grow and shrink both tiers under streams: seconds, step ratio")
+    r.add_argument("--model", help="checkpoint (default: the --preset checkpoint, made once)")
+    r.add_argument("--preset", default="tiny-maverick")
+    r.add_argument("--small", type=_tier_sizes, default=(1, 1), help="ATTENTION+EXPERT workers at the start")
+    r.add_argument("--large", type=_tier_sizes, default=(2, 2), help="ATTENTION+EXPERT workers to grow to")
+    r.add_argument("--requests", type=int, default=8, help="streams in flight")
+    r.add_argument("--max-tokens", type=int, default=600, help="long enough to outlast both changes")
+    r.add_argument("--steady-steps", type=int, default=20, help="steps timed before each change")
+    r.add_argument("--cpus-per-worker", type=float, default=0.25, help="room for the grown size")
+    r.add_argument("--num-cpus", type=float, default=2, help="CPUs of the local Ray instance")
+    r.set_defaults(func=_resize)

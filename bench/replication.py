@@ -232,8 +232,14 @@ def steps_to_rebalance(records: list[StepRecord], level: float, probe: int) -> i
     return None
 
 
+def switched(records: list[StepRecord]) -> list[bool]:
+    """Per step: it used another map than the step before it."""
+    return [k > 0 and r.version != records[k - 1].version for k, r in enumerate(records)]
+
+
 def phase_rows(records: list[StepRecord], during: list[bool]) -> dict[str, dict]:
     rows: dict[str, dict] = {}
+    switches = switched(records)
     for phase in dict.fromkeys(r.phase for r in records):
         idx = [i for i, r in enumerate(records) if r.phase == phase]
         steps = [records[i] for i in idx]
@@ -245,6 +251,7 @@ def phase_rows(records: list[StepRecord], during: list[bool]) -> dict[str, dict]
             "step_p50_s": percentile(seconds, 50),
             "step_p99_s": percentile(seconds, 99),
             "rearranging_steps": sum(during[i] for i in idx),
+            "map_switches": sum(switches[i] for i in idx),
         }
     return rows
 
@@ -280,6 +287,7 @@ def summarize(records: list[StepRecord], spec: ReplicationSpec, metrics: dict) -
         "num_steady_steps": len(steady_s),
         "num_rearranging_steps": len(during_s),
         "rearrangements": metrics["rearrangements"],
+        "load_shifts": metrics["load_shifts"],
         "stage_seconds_max": round(max(metrics["stage_seconds"], default=0.0), 4),
         "rearrangement_seconds_max": round(max(metrics["rearrangement_seconds"], default=0.0), 4),
         "replicas_per_expert_max": max(max(row) for row in metrics["replicas_per_expert"]),
@@ -353,16 +361,18 @@ def print_table(f: dict) -> None:
     )
     print(
         f"policy: window {pol['window_steps']}, interval {pol['interval_steps']}, imbalance threshold "
-        f"{pol['imbalance_threshold']}, min gain {pol['min_gain']}, report every {pol['report_every']} steps"
+        f"{pol['imbalance_threshold']}, min gain {pol['min_gain']}, report every {pol['report_every']} "
+        f"steps, shift test {_shift_test(pol)}"
     )
     print(
         f"{'phase':<11} {'steps':>6} {'balancedness':>13} {'decode tok/s':>13} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'rearranging':>12}"
+        f"{'rearranging':>12} {'switches':>9}"
     )
     for name, r in f["phases"].items():
         print(
             f"{name:<11} {r['steps']:>6} {r['balancedness']:>13.3f} {r['decode_tok_s']:>13.1f} "
-            f"{1000 * r['step_p50_s']:>8.0f} {1000 * r['step_p99_s']:>8.0f} {r['rearranging_steps']:>12}"
+            f"{1000 * r['step_p50_s']:>8.0f} {1000 * r['step_p99_s']:>8.0f} {r['rearranging_steps']:>12} "
+            f"{r['map_switches']:>9}"
         )
     print(
         f"balancedness {f['balancedness_static']:.3f} static -> {f['balancedness_rebalanced']:.3f} "
@@ -370,13 +380,20 @@ def print_table(f: dict) -> None:
     )
     print(
         f"steps to rebalance (next {f['probe_steps']} steps >= {f['recovered_level']:.3f}): initial "
-        f"{f['steps_to_rebalance_initial']}, after each shift {f['steps_to_rebalance_after_shift']}"
+        f"{f['steps_to_rebalance_initial']}, after each shift {f['steps_to_rebalance_after_shift']}; "
+        f"changes of the hot experts detected: {f['load_shifts']}"
     )
     print(
         f"step p99: steady {_ms(f['step_p99_steady_s'])} ({f['num_steady_steps']} steps), during "
         f"rearrangements {_ms(f['step_p99_rearranging_s'])} ({f['num_rearranging_steps']} steps, "
         f"{f['rearrangements']} rearrangements): ratio {f['step_p99_ratio']} (goal <= {GOAL_P99_RATIO})"
     )
+
+
+def _shift_test(pol: dict) -> str:
+    if pol.get("shift_threshold") is None:
+        return "off"
+    return f"newest {pol['shift_steps']} steps, threshold {pol['shift_threshold']:g}x noise"
 
 
 def _ms(seconds: float | None) -> str:
@@ -474,8 +491,12 @@ def spec_from_args(args: argparse.Namespace) -> ReplicationSpec:
         "imbalance_threshold": args.threshold,
         "min_gain": args.min_gain,
         "report_every": args.report_every,
+        "shift_steps": args.shift_steps,
     }
     policy = replace(base.policy, **{k: v for k, v in knobs.items() if v is not None})
+    threshold = args.shift_threshold
+    if threshold is not None:
+        policy = replace(policy, shift_threshold=None if threshold == "off" else threshold)
     phases = base.phases
     if args.steps:
         try:

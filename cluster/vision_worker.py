@@ -24,7 +24,8 @@ import torch
 from attention.vision import VisionEncoder
 from cluster.rendezvous import check_device
 from engine.request import Request
-from model.checkpoint import CheckpointReader, parse_dtype
+from model.checkpoint import CheckpointReader
+from model.device import resolve_dtype
 from model.image_processing import ProcessedImage
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ class VisionWorker:
             self.device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
         self.worker_idx = worker_idx
         with CheckpointReader(model_dir) as reader:
-            self.encoder = VisionEncoder.from_checkpoint(reader, parse_dtype(dtype), self.device)
+            self.encoder = VisionEncoder.from_checkpoint(
+                reader, resolve_dtype(dtype, self.device), self.device
+            )
         self.num_calls = self.num_images = self.num_tiles = 0
         self.seconds = 0.0
 

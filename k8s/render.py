@@ -118,6 +118,9 @@ SIZES = (
             "max_pending": 64,
             "max_queued_requests": 128,
             "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+            # the tier autoscaler (docs/tiers.md): off; set enabled, or edit the EngineServer
+            # deployment's user_config to resize a running replica in place
+            "tiers": {"autoscaler": {"enabled": False, "max_expert_workers": 4, "max_attention_workers": 2}},
         },
         from_volume=False,
     ),
@@ -142,6 +145,17 @@ SIZES = (
             "max_pending": 384,  # 3 attention workers x 64 running, as many waiting
             "max_queued_requests": 512,
             "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 144},
+            # off; fewer than 4 expert workers do not hold the 16 experts in 80 GB GPUs; a worker
+            # past the node's 8 GPUs gets a placement group of its own (KubeRay adds a node)
+            "tiers": {
+                "autoscaler": {
+                    "enabled": False,
+                    "min_expert_workers": 4,
+                    "max_expert_workers": 8,
+                    "min_attention_workers": 1,
+                    "max_attention_workers": 6,
+                }
+            },
         },
         from_volume=True,
         model_shape="scout",
@@ -167,6 +181,16 @@ SIZES = (
             "max_pending": 384,  # 3 attention workers x 64 running, as many waiting
             "max_queued_requests": 512,
             "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 144},
+            # off; fewer than 12 expert workers do not hold the 128 experts in 80 GB GPUs
+            "tiers": {
+                "autoscaler": {
+                    "enabled": False,
+                    "min_expert_workers": 12,
+                    "max_expert_workers": 24,
+                    "min_attention_workers": 2,
+                    "max_attention_workers": 8,
+                }
+            },
         },
         from_volume=True,
         model_shape="maverick",

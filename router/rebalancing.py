@@ -14,6 +14,7 @@ simulator drives the same machine with a simulated clock (`sim.cluster`).
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 from router.placement import Placement
@@ -27,13 +28,25 @@ class RebalanceConfig:
     imbalance_threshold: float = 0.25  # re-plan early when (max - mean) / mean exceeds this
     min_gain: float = 0.05  # keep a layer's map unless the busiest worker gets this much lighter
     report_every: int = 8  # steps between the engine's load reports
+    # A change of the hot experts: before each re-plan the newest `shift_steps` steps' expert
+    # shares are compared with the rest of the window; a difference above `shift_threshold` times
+    # what sampling noise gives (`router.service.shift_score`) drops the steps before the change
+    # and re-plans at once. Needs window_steps >= 2 * shift_steps; None turns it off.
+    shift_steps: int = 8
+    shift_threshold: float | None = 3.0
 
     def __post_init__(self) -> None:
-        for name in ("window_steps", "interval_steps", "report_every"):
+        for name in ("window_steps", "interval_steps", "report_every", "shift_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rebalance {name} must be >= 1, got {getattr(self, name)}")
         if self.imbalance_threshold < 0 or self.min_gain < 0:
             raise ValueError("rebalance imbalance_threshold and min_gain must be >= 0")
+        if self.shift_threshold is not None and not (
+            math.isfinite(self.shift_threshold) and self.shift_threshold > 0
+        ):
+            raise ValueError(
+                f"rebalance shift_threshold must be a number > 0 or None, got {self.shift_threshold}"
+            )
 
 
 class Phase(enum.Enum):

@@ -82,8 +82,9 @@ class _BatchedTable:
     replicas rotated by r, so offset=step_id on them picks exactly what offset=step_id + r picks
     on the plain rows. A token's replica depends only on how many earlier tokens share its key,
     so keys of other ranks and layers change nothing, and neither does the order of the tokens
-    (drawn independently): they are laid out grouped by key. Experts with one replica go to it
-    directly (what choose_replica would pick too)."""
+    (drawn independently): each replica's share of a key's tokens is counted from the key's
+    count, without laying the tokens out. Experts with one replica go to it directly (what
+    choose_replica would pick too)."""
 
     def __init__(self, placement: Placement, num_ranks: int) -> None:
         self.placement = placement
@@ -102,8 +103,12 @@ class _BatchedTable:
         j = torch.arange(max_replicas)
         flat = placement.log2phy.reshape(-1, max_replicas)
         rows = [torch.where(j < cnt, flat.gather(1, (j + r) % cnt), -1) for r in range(num_ranks)]
-        self._log2phy = torch.cat(rows)  # [M * L * E, R]
-        self._logcnt = placement.logcnt.reshape(-1).repeat(num_ranks)
+        pos = self._replicated_pos
+        # per replicated key: its replicas' slots in the step's flat [M, L, W*S] rows, rotated by
+        # rank, and how many there are (entries past the count are never used)
+        self._replicas = torch.cat(rows).numpy()[pos] + (pos // num_experts * num_slots)[:, None]
+        self._count = placement.logcnt.reshape(-1).repeat(num_ranks).numpy()[pos][:, None]
+        self._used = np.arange(max_replicas)[None, :] < self._count
 
     def slot_rows(self, counts: np.ndarray, step_id: int) -> np.ndarray:
         num_ranks, num_layers, num_experts = counts.shape
@@ -111,10 +116,14 @@ class _BatchedTable:
         rows = np.bincount(self._single_target, weights=flat[self._single_pos], minlength=self._size)
         rows = rows.astype(np.int64)
         if self._replicated_pos.size:
-            keys = np.repeat(self._replicated_pos, flat[self._replicated_pos])  # (rank, layer, expert)
-            slot = choose_replica(torch.from_numpy(keys), self._log2phy, self._logcnt, step_id, False)
-            rows += np.bincount(
-                keys // num_experts * self.placement.num_slots + slot.numpy(), minlength=self._size
+            # the t-th of a key's c tokens goes to replica (t + step_id) % k: replica j gets the
+            # t < c with t = j - step_id (mod k), counted rather than drawn one by one
+            c, k = flat[self._replicated_pos][:, None], self._count
+            j = np.arange(self._replicas.shape[1])[None, :]
+            share = c // k + ((j - step_id) % k < c % k)
+            used = self._used
+            rows += np.bincount(self._replicas[used], weights=share[used], minlength=self._size).astype(
+                np.int64
             )
         return rows.reshape(num_ranks, num_layers, self.placement.num_slots)
 

@@ -110,6 +110,13 @@ class RebalanceArgs(BaseModel):
     imbalance_threshold: float = Field(0.25, ge=0)
     min_gain: float = Field(0.05, ge=0)
     report_every: int = Field(8, ge=1)
+    shift_steps: int = Field(8, ge=1, description="newest steps tested for a change of the hot experts")
+    shift_threshold: float | None = Field(
+        3.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="how many times sampling noise counts as a change; null: off",
+    )
 
     def to_config(self) -> RebalanceConfig:
         return RebalanceConfig(**self.model_dump())

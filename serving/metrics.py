@@ -133,10 +133,12 @@ def balancing_families(snapshots: list[dict[str, Any]], model_name: str) -> Iter
 
 
 RECOVERY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+RESIZE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 def fault_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator[Metric]:
-    """Lost workers and recoveries of each engine replica (cluster engines), and its workers."""
+    """Lost workers and recoveries of each engine replica (cluster engines), its workers per tier
+    (live and desired), and its resizes."""
     labels = ["model_name", "replica"]
     failures = CounterMetricFamily(
         f"{PREFIX}_worker_failures",
@@ -151,10 +153,24 @@ def fault_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator
         f"{PREFIX}_requests_replayed", "Requests re-admitted on another attention worker", labels=labels
     )
     workers = GaugeMetricFamily(f"{PREFIX}_workers", "Live workers, by role", labels=[*labels, "role"])
+    desired = GaugeMetricFamily(
+        f"{PREFIX}_workers_desired",
+        "Workers the last resize (operator or tier autoscaler) asked for, by role",
+        labels=[*labels, "role"],
+    )
+    resizes = HistogramMetricFamily(
+        f"{PREFIX}_resize_seconds", "Seconds from a resize request to the new size serving", labels=labels
+    )
     for snap in snapshots:
         values = [model_name, str(snap["replica"])]
         for role, n in (snap.get("workers") or {}).items():
             workers.add_metric([*values, role], float(n))
+        for role, n in (snap.get("workers_desired") or {}).items():
+            desired.add_metric([*values, role], float(n))
+        if snap.get("workers"):
+            seconds = snap.get("resize_seconds") or []
+            buckets = [(str(b), float(sum(s <= b for s in seconds))) for b in RESIZE_BUCKETS]
+            resizes.add_metric(values, [*buckets, ("+Inf", float(len(seconds)))], sum_value=sum(seconds))
         f = snap.get("faults") or {}
         if not f:
             continue
@@ -165,7 +181,7 @@ def fault_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator
         recoveries.add_metric(values, [*buckets, ("+Inf", float(len(seconds)))], sum_value=sum(seconds))
         epoch.add_metric(values, float(f["epoch"]))
         replayed.add_metric(values, float(f["requests_replayed"]))
-    yield from (failures, recoveries, epoch, replayed, workers)
+    yield from (failures, recoveries, epoch, replayed, workers, desired, resizes)
 
 
 class ServingMetrics:

@@ -65,7 +65,30 @@ def format_status(samples: dict[str, list[tuple[dict, float]]]) -> str:
                 f"{_value(samples, 'expert_rearrangements_total', replica):g} rearrangements "
                 f"({_value(samples, 'expert_rearrangement_seconds_total', replica):.2f} s plan-to-switch)"
             )
+        tiers = _tiers(samples, replica)
+        if tiers:
+            lines.append(tiers)
     return "\n".join(lines) if lines else "no engine metrics (is this a llama4-ep server?)"
+
+
+def _tiers(samples: dict, replica: str | None) -> str:
+    """'  workers: attention 2, expert 3 (desired 4); 2 resizes, 3.1 s on average' (cluster engines)."""
+    live = {lab["role"]: v for lab, v in samples.get("workers", []) if lab.get("replica") == replica}
+    if not live:
+        return ""
+    desired = {
+        lab["role"]: v for lab, v in samples.get("workers_desired", []) if lab.get("replica") == replica
+    }
+    parts = []
+    for role, n in sorted(live.items()):
+        want = desired.get(role, n)
+        parts.append(f"{role} {n:g}" + (f" (desired {want:g})" if want != n else ""))
+    count = _value(samples, "resize_seconds_count", replica)
+    line = "  workers: " + ", ".join(parts)
+    if count == count and count > 0:  # not nan
+        mean = _value(samples, "resize_seconds_sum", replica) / count
+        line += f"; {count:g} resize{'s' if count != 1 else ''}, {mean:.1f} s on average"
+    return line
 
 
 def _value(samples: dict, name: str, replica: str | None) -> float:

@@ -222,7 +222,7 @@ class SimCluster:
                 f"request {request_id!r}: need prompt >= 1 and output >= 1 tokens within the context "
                 f"length {limit}, got {prompt_len} + {output_len}"
             )
-        rank = least_loaded_rank(self._unfinished)
+        rank = self._pick_rank()
         params = SamplingParams(max_tokens=output_len, ignore_eos=True)
         self.schedulers[rank].add(_SimRequest(request_id, [DUMMY_TOKEN] * prompt_len, params))
         self._unfinished[rank] += 1
@@ -230,9 +230,16 @@ class SimCluster:
         self.requests[request_id] = RequestTimes(arrival, rank, prompt_len, output_len)
         return request_id
 
+    def _pick_rank(self) -> int:
+        return least_loaded_rank(self._unfinished)
+
     @property
     def has_unfinished(self) -> bool:
         return any(self._unfinished)
+
+    @property
+    def num_unfinished(self) -> int:
+        return sum(self._unfinished)
 
     # -- one step -------------------------------------------------------------------------
 

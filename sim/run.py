@@ -26,6 +26,7 @@ from router.rebalancing import RebalanceConfig
 from sim.cluster import Rearrangement, RequestTimes, SimCluster, SimConfig, StepRecord
 from sim.costmodel import HARDWARE, Precision
 from sim.models import model_config
+from sim.tiers import add_tiers_arguments, tiers_command
 from sim.workload import ArrivalSpec, LengthSpec, Workload, make_workload
 
 
@@ -200,9 +201,22 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-every", type=int, default=50)
     p.add_argument("--imbalance-threshold", type=float, default=0.25)
     p.add_argument("--min-gain", type=float, default=0.05)
+    p.add_argument("--shift-steps", type=int, default=8, help="newest steps tested for new hot experts")
+    p.add_argument(
+        "--shift-threshold", type=_number_or_off, default=3.0, help="x sampling noise; 'off': no shift test"
+    )
     p.add_argument("--plan-seconds", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+
+
+def _number_or_off(text: str) -> float | None:
+    if text == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need a number or 'off', got {text!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -213,6 +227,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         imbalance_threshold=args.imbalance_threshold,
         min_gain=args.min_gain,
         report_every=args.report_every,
+        shift_steps=args.shift_steps,
+        shift_threshold=args.shift_threshold,
     )
     return SimConfig(
         model=model_config(args.model),
@@ -255,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sim", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_arguments(sub.add_parser("run", help="simulate a workload on a modelled GPU cluster"))
+    add_tiers_arguments(sub.add_parser("tiers", help="elastic tiers against whole-replica autoscaling"))
     args = parser.parse_args(argv)
     try:
-        return run_command(args)
+        return (tiers_command if args.command == "tiers" else run_command)(args)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")

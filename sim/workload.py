@@ -5,7 +5,9 @@ Arrivals (requests per second, `rate(t)`):
 - `poisson:R`: Poisson arrivals at rate R;
 - `step:R0:R1:T`: Poisson at R0, then R1 from second T on;
 - `ramp:R0:R1:T`: Poisson with the rate going linearly from R0 to R1 over T seconds, then R1;
-- `bursty:R0:R1:ON:PERIOD`: Poisson at R0, except R1 during the first ON seconds of every PERIOD.
+- `bursty:R0:R1:ON:PERIOD`: Poisson at R0, except R1 during the first ON seconds of every PERIOD;
+- `diurnal:LOW:HIGH:PERIOD`: Poisson with a sine-shaped rate, LOW at 0, HIGH at PERIOD / 2, LOW
+  again at PERIOD (a day compressed to PERIOD seconds).
 
 Lengths (tokens, each at least 1):
 - `const:N`; `uniform:A:B` (inclusive); `lognormal:MEAN:SIGMA` (mean of the distribution, sigma
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ARRIVALS = {"constant": 1, "poisson": 1, "step": 3, "ramp": 3, "bursty": 4}
+ARRIVALS = {"constant": 1, "poisson": 1, "step": 3, "ramp": 3, "bursty": 4, "diurnal": 3}
 LENGTHS = {"const": 1, "uniform": 2, "lognormal": 2}
 
 
@@ -41,6 +43,8 @@ class ArrivalSpec:
             raise ValueError(
                 f"bursty needs 0 < ON <= PERIOD, got ON={self.params[2]}, PERIOD={self.params[3]}"
             )
+        if self.kind == "diurnal" and not self.params[2] > 0:
+            raise ValueError(f"diurnal needs PERIOD > 0, got {self.params[2]}")
 
     @classmethod
     def parse(cls, text: str) -> ArrivalSpec:
@@ -65,6 +69,8 @@ class ArrivalSpec:
         if self.kind == "ramp":
             frac = np.clip(t / p[2], 0.0, 1.0) if p[2] > 0 else np.ones_like(t)
             return p[0] + (p[1] - p[0]) * frac
+        if self.kind == "diurnal":
+            return p[0] + (p[1] - p[0]) * (1 - np.cos(2 * np.pi * t / p[2])) / 2
         return np.where(np.mod(t, p[3]) < p[2], p[1], p[0])  # bursty
 
     def times_within(self, duration_s: float, rng: np.random.Generator) -> np.ndarray:

@@ -8,7 +8,8 @@ Results folder:
     comparison.png                the variants' time series side by side
     <variant>/requests.csv        every request: when sent, first token, finished, tokens, error
     <variant>/timeseries.csv      per bin: offered and achieved load, TTFT/TPOT percentiles,
-                                  replicas, queue depth, KV usage, balancedness, placement version
+                                  replicas, queue depth, KV usage, balancedness, placement version,
+                                  workers per tier (live and desired, summed over replicas)
     <variant>/samples.jsonl       every raw sample of the deployment (per engine replica)
     <variant>/placement.json      replicas per expert and per layer at the end, per engine replica
     <variant>/timeseries.png      the time series
@@ -45,6 +46,11 @@ SAMPLE_COLUMNS = (
     "placement_version",
     "rearrangements",
     "max_replicas_per_expert",
+    "attention_workers",
+    "expert_workers",
+    "attention_workers_desired",
+    "expert_workers_desired",
+    "workers",
 )
 
 
@@ -118,6 +124,7 @@ def summarize(result: RunResult, scenario: Scenario) -> dict[str, Any]:
     flats = [(s.t_s, s.flat()) for s in result.samples]
     in_load = [f for t, f in flats if t <= result.duration_s] or [f for _, f in flats]
     running = [(t, f["replicas_running"]) for t, f in flats]
+    workers = [(t, f["workers"]) for t, f in flats]
     initial = running[0][1] if running else 0
     scale_up = next((t for t, n in running if n > initial), math.nan)
     out: dict[str, Any] = {
@@ -141,6 +148,9 @@ def summarize(result: RunResult, scenario: Scenario) -> dict[str, Any]:
         {
             "replicas_max": max((n for _, n in running), default=math.nan),
             "replica_seconds": _integral(running, result.end_s),
+            "attention_workers_max": max((f["attention_workers"] for _, f in flats), default=math.nan),
+            "expert_workers_max": max((f["expert_workers"] for _, f in flats), default=math.nan),
+            "worker_seconds": _integral(_held(workers), result.end_s) if workers else math.nan,
             "first_scale_up_s": scale_up,
             "waiting_max": max((f["engine_waiting"] for _, f in flats), default=math.nan),
             "waiting_mean": _mean([f["engine_waiting"] for f in in_load]),
@@ -156,6 +166,15 @@ def summarize(result: RunResult, scenario: Scenario) -> dict[str, Any]:
 def _mean(values: Sequence[float]) -> float:
     v = [x for x in values if x == x]
     return sum(v) / len(v) if v else math.nan
+
+
+def _held(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """A sample that missed the replicas' gauges (nan) keeps the value before it (0 at first)."""
+    out, last = [], 0.0
+    for t, v in points:
+        last = v if v == v else last
+        out.append((t, last))
+    return out
 
 
 def _integral(points: Sequence[tuple[float, float]], end: float) -> float:
@@ -234,6 +253,9 @@ MARKDOWN_COLUMNS = (
     ("goodput_rps", "goodput req/s", "{:.2f}"),
     ("replicas_max", "replicas max", "{:g}"),
     ("replica_seconds", "replica-s", "{:.0f}"),
+    ("attention_workers_max", "attention workers max", "{:g}"),
+    ("expert_workers_max", "expert workers max", "{:g}"),
+    ("worker_seconds", "worker-s", "{:.0f}"),
     ("first_scale_up_s", "scale-up at s", "{:.1f}"),
     ("waiting_max", "waiting max", "{:g}"),
     ("balancedness_mean", "balancedness", "{:.3f}"),
@@ -278,15 +300,17 @@ def _col(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray:
 
 
 def plot_run(rows: Sequence[dict[str, Any]], result: RunResult, path: Path) -> None:
-    """Five panels over time: load, TTFT, TPOT, replicas with queue depth, expert balance."""
+    """Six panels over time: load, TTFT, TPOT, replicas with queue depth, workers per tier,
+    expert balance."""
     plt = _pyplot()
     t = _col(rows, "t_s")
-    fig, axes = plt.subplots(5, 1, figsize=(9, 13), sharex=True)
-    load, ttft, tpot, scale, experts = axes
+    fig, axes = plt.subplots(6, 1, figsize=(9, 15), sharex=True)
+    load, ttft, tpot, scale, tiers, experts = axes
     _load_panel(load, t, rows)
     _percentile_panel(ttft, t, rows, "ttft")
     _percentile_panel(tpot, t, rows, "tpot")
     _replicas_panel(scale, t, rows)
+    _tiers_panel(tiers, t, rows)
     _experts_panel(experts, t, rows)
     experts.set_xlabel("seconds from the start of the load")
     for ax in axes:
@@ -337,6 +361,18 @@ def _replicas_panel(ax: Any, t: np.ndarray, rows: Sequence[dict[str, Any]]) -> N
     queue.legend(loc="upper right", fontsize=8)
 
 
+def _tiers_panel(ax: Any, t: np.ndarray, rows: Sequence[dict[str, Any]]) -> None:
+    top = 1.0
+    for role, color in (("attention", "C0"), ("expert", "C1")):
+        live, desired = _col(rows, f"{role}_workers"), _col(rows, f"{role}_workers_desired")
+        ax.step(t, live, where="post", color=color, lw=2, label=f"{role} workers")
+        ax.step(t, desired, where="post", color=color, ls="--", label=f"{role} desired")
+        top = max(top, float(np.nanmax(np.r_[live, desired, 1.0])))
+    _integer_axis(ax, top)
+    ax.set_ylabel("workers\n(all replicas)")
+    ax.legend(loc="upper left", fontsize=8)
+
+
 def _experts_panel(ax: Any, t: np.ndarray, rows: Sequence[dict[str, Any]]) -> None:
     ax.plot(t, _col(rows, "balancedness"), label="balancedness (min over replicas)")
     ax.set_ylim(0, 1.05)
@@ -361,6 +397,8 @@ def plot_comparison(results: Sequence[RunResult], scenario: Scenario, path: Path
         ("ttft_p99_ms", "TTFT p99 ms"),
         ("tpot_p50_ms", "TPOT p50 ms"),
         ("replicas_running", "engine replicas"),
+        ("attention_workers", "attention workers"),
+        ("expert_workers", "expert workers"),
         ("in_flight", "requests in flight"),
         ("engine_waiting", "engine waiting"),
         ("balancedness", "balancedness"),
@@ -374,7 +412,7 @@ def plot_comparison(results: Sequence[RunResult], scenario: Scenario, path: Path
     for ax, (key, label) in zip(axes, panels, strict=True):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        if key in ("replicas_running", "engine_waiting"):
+        if key in ("replicas_running", "attention_workers", "expert_workers", "engine_waiting"):
             _integer_axis(ax, max(ax.get_ylim()[1], 1.0))
     axes[0].legend(fontsize=8)
     axes[-1].set_xlabel("seconds from the start of the load")

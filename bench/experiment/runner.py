@@ -72,9 +72,16 @@ class Sample:
     replicas_starting: int
     in_flight: int  # sent by the client, not yet answered
     engines: list[dict[str, Any]] = field(default_factory=list)  # EngineServer.metrics() per replica
+    starting_workers: int = 0  # workers the starting replicas hold (they report no metrics yet)
 
     def engine_sum(self, key: str) -> float:
         return float(sum(e.get(key, 0) for e in self.engines))
+
+    def tier_sum(self, key: str, role: str) -> float:
+        """`workers` or `workers_desired` of one tier summed over the replicas (nan: no replica
+        reports tiers, e.g. the single-process engine)."""
+        tiers = [e.get(key) or e.get("workers") for e in self.engines if e.get("workers")]
+        return float(sum(t.get(role, 0) for t in tiers)) if tiers else float("nan")
 
     @property
     def balancing(self) -> list[dict[str, Any]]:
@@ -84,6 +91,7 @@ class Sample:
         """The scalar columns of the time series."""
         bal = self.balancing
         kv_total = self.engine_sum("kv_blocks_total")
+        attention, expert = self.tier_sum("workers", "attention"), self.tier_sum("workers", "expert")
         return {
             "replicas_running": self.replicas_running,
             "replicas_starting": self.replicas_starting,
@@ -104,6 +112,11 @@ class Sample:
                 ),
                 default=float("nan"),
             ),
+            "attention_workers": attention,
+            "expert_workers": expert,
+            "attention_workers_desired": self.tier_sum("workers_desired", "attention"),
+            "expert_workers_desired": self.tier_sum("workers_desired", "expert"),
+            "workers": attention + expert + self.starting_workers,
         }
 
 
@@ -260,7 +273,9 @@ class _OpenLoop:
         while True:
             t = self.now()
             replicas, engines = await self.read_state()
-            s = Sample(t, replicas.get("RUNNING", 0), replicas.get("STARTING", 0), self.in_flight, engines)
+            running, starting = replicas.get("RUNNING", 0), replicas.get("STARTING", 0)
+            held = starting * _workers_per_replica(self.run)
+            s = Sample(t, running, starting, self.in_flight, engines, held)
             self.samples.append(s)
             if t >= next_log:
                 next_log = t + 5.0
@@ -271,6 +286,15 @@ class _OpenLoop:
                 return
             except TimeoutError:
                 pass
+
+
+def _workers_per_replica(run: Run) -> int:
+    """The workers an engine replica starts with (0: the single-process engine has none)."""
+    app = run.app
+    if app.expert_workers == 0:
+        return 0
+    attention = app.tiers.attention_workers or app.attention_workers
+    return attention + (app.tiers.expert_workers or app.expert_workers)
 
 
 def _progress(name: str, s: Sample, records: list[RequestRecord]) -> str:
@@ -285,6 +309,11 @@ def _progress(name: str, s: Sample, records: list[RequestRecord]) -> str:
         + (f" (+{s.replicas_starting} starting)" if s.replicas_starting else "")
         + f"  engine running {f['engine_running']:g} waiting {f['engine_waiting']:g}"
         + (f"  balancedness {bal:.2f}" if bal == bal else "")
+        + (
+            f"  workers {f['attention_workers']:g} attention + {f['expert_workers']:g} expert"
+            if f["expert_workers"] == f["expert_workers"]
+            else ""
+        )
     )
 
 

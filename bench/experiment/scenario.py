@@ -60,7 +60,9 @@ class LoadArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     duration_s: float = Field(gt=0)
-    arrivals: str = Field(description="constant:R | poisson:R | step:R0:R1:T | ramp:R0:R1:T | bursty:...")
+    arrivals: str = Field(
+        description="constant:R | poisson:R | step:R0:R1:T | ramp:R0:R1:T | bursty:... | diurnal:..."
+    )
     prompt_tokens: str = "uniform:8:32"
     output_tokens: str = "uniform:8:32"
     max_prompt_tokens: int | None = Field(None, ge=1)
@@ -159,7 +161,14 @@ class Run:
     load: LoadArgs
 
     def describe(self) -> str:
-        return f"{self.app.autoscaling.describe()}; {self.app.layout()}"
+        a = self.app.tiers.autoscaler
+        tiers = (
+            f"; tier autoscaler: attention {a.min_attention_workers}-{a.max_attention_workers}, "
+            f"expert {a.min_expert_workers}-{a.max_expert_workers} workers"
+            if a.enabled
+            else ""
+        )
+        return f"{self.app.autoscaling.describe()}; {self.app.layout()}{tiers}"
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -105,6 +105,18 @@ def test_bench_faults_kills_a_worker_and_loses_nothing(capsys, ray_session, tiny
     assert figures["max_stall_s"] == row["stall_max_s"] > 0
 
 
+def test_bench_resize_grows_and_shrinks_under_streams(capsys, ray_session, tiny_maverick):
+    figures = bench_json(
+        capsys, "resize", "--model", str(tiny_maverick), "--requests", "2", "--max-tokens", "160",
+        "--steady-steps", "3", "--cpus-per-worker", "0.05",
+    )  # fmt: skip
+    grow, shrink = figures["results"]
+    assert (grow["from"], grow["to"], shrink["to"]) == ([1, 1], [2, 2], [1, 1])
+    assert figures["resize_seconds"]["grow"] > 0 and figures["resize_seconds"]["shrink"] > 0
+    assert grow["steps_during"] >= 1 and figures["max_step_ratio"] > 0
+    assert figures["failed_requests"] == 0 and figures["tokens_equal"] is True
+
+
 def test_bench_vision_in_process(capsys, tiny_maverick):
     figures = bench_json(
         capsys,

@@ -142,6 +142,49 @@ def test_summary_figures():
     assert f["replica_seconds"] == pytest.approx(1 * 2 + 2 * 3 + 1 * 1)
 
 
+def _engine(attention: int, expert: int, desired: tuple[int, int] | None = None) -> dict:
+    want = desired or (attention, expert)
+    return {
+        "workers": {"attention": attention, "expert": expert},
+        "workers_desired": {"attention": want[0], "expert": want[1]},
+    }
+
+
+def test_a_tiers_variant_records_workers_per_tier():
+    """Workers per tier summed over replicas, in the time series and as worker-seconds (a
+    starting replica's workers count: it holds them); a single-process engine reports none."""
+    s = scenario(
+        app={"cpus_per_worker": 0.2},
+        variants=[
+            {"name": "fixed"},
+            {"name": "tiers", "app": {"tiers": {"autoscaler": {"enabled": True, "max_expert_workers": 3}}}},
+        ],
+    )
+    fixed, tiers = s.runs()
+    assert "tier autoscaler: attention 1-4, expert 1-3" in tiers.describe()
+    assert "tier autoscaler" not in fixed.describe()
+    samples = [
+        Sample(0.0, 1, 0, 0, [_engine(1, 2)]),
+        Sample(2.0, 1, 0, 3, [_engine(1, 2, desired=(2, 3))]),  # a resize asked for
+        Sample(3.0, 1, 0, 3, []),  # the gauges did not answer: the count before stands
+        Sample(4.0, 1, 1, 3, [_engine(2, 3)], starting_workers=3),  # plus a replica starting
+        Sample(5.0, 2, 0, 1, [_engine(2, 3), _engine(1, 2)]),
+    ]
+    result = RunResult(tiers, [], samples, 4.0, 6.0)
+    flats = [x.flat() for x in samples]
+    assert [f["expert_workers"] for f in flats][:2] == [2, 2] and flats[1]["expert_workers_desired"] == 3
+    assert math.isnan(flats[2]["workers"]) and flats[4]["attention_workers"] == 3
+    assert [f["workers"] for f in flats if f["workers"] == f["workers"]] == [3, 3, 8, 8]
+    f = summarize(result, s)
+    assert f["worker_seconds"] == pytest.approx(3 * 2 + 3 * 1 + 3 * 1 + 8 * 1 + 8 * 1)
+    assert (f["attention_workers_max"], f["expert_workers_max"]) == (3, 5)
+    rows = timeseries(result, 1.0)
+    experts = [r["expert_workers"] for r in rows]
+    assert experts[:3] + experts[4:] == [2, 2, 2, 3, 5] and math.isnan(experts[3])  # bin 3: no gauges
+    single = Sample(0.0, 1, 0, 0, [{"num_running": 1, "workers": {}}]).flat()
+    assert math.isnan(single["attention_workers"]) and math.isnan(single["workers"])
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -168,12 +211,14 @@ def test_a_short_real_experiment_writes_its_plots_and_table(ray_session, skewed_
     assert flats and all(f["replicas_running"] == 1 for f in flats)
     assert any(f["balancedness"] == f["balancedness"] for f in flats)  # the engine reported balance
     assert max(f["engine_running"] for f in flats) >= 1
+    assert all((f["attention_workers"], f["expert_workers"]) == (1, 2) for f in flats)  # per tier
 
     for name in ("comparison.png", "base/timeseries.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
     with open(tmp_path / "summary.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["variant"] == "base" and int(row["completed"]) == len(result.records)
+    assert float(row["worker_seconds"]) == pytest.approx(3 * float(row["replica_seconds"]), rel=1e-3)
     assert "| base | " in (tmp_path / "summary.md").read_text()
     with open(tmp_path / "base" / "requests.csv") as f:
         assert len(list(csv.DictReader(f))) == len(result.records)

@@ -30,6 +30,7 @@ def test_bench_replication_tiny(capsys, monkeypatch, tmp_path, ray_session, skew
     argv += ["--skew-seed", "3", "--shift-skew-seed", "4"]
     argv += ["--batch", "4", "--max-tokens", "6", "--steps", "1,4,10,6,10,1", "--probe", "2"]
     argv += ["--window", "8", "--interval", "2", "--report-every", "2", "--min-gain", "0"]
+    argv += ["--shift-steps", "4"]
     argv += ["--plot", str(plot)]
     assert run_bench(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -47,4 +48,8 @@ def test_bench_replication_tiny(capsys, monkeypatch, tmp_path, ray_session, skew
     assert set(figures["phases"]) == {"warmup", "static", "settle", "rebalanced", "shift1"}
     assert [figures["phases"][p]["steps"] for p in ("static", "settle", "rebalanced")] == [4, 10, 6]
     assert figures["policy"]["window_steps"] == 8 and figures["policy"]["min_gain"] == 0
+    # every switch the service committed shows in some phase's steps; the shift test ran (window
+    # 8 >= 2 x 4 steps) but is not asserted to fire on 4 tokens a step
+    assert sum(row["map_switches"] for row in figures["phases"].values()) == figures["rearrangements"]
+    assert figures["policy"]["shift_steps"] == 4 and figures["load_shifts"] >= 0
     assert figures["plot"] == str(plot) and plot.stat().st_size > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from router.placement import rebalance, static_placement
@@ -10,14 +11,14 @@ from router.routing import ReplicaTable, choose_replica
 from sim.routing import popularity
 
 
-def test_slot_rows_is_slots_per_rank_and_layer():
+@pytest.mark.parametrize("step_id", [0, 11, 1001])
+def test_slot_rows_is_slots_per_rank_and_layer(step_id):
     """One call over all ranks and layers picks what the dispatcher's per-layer calls pick."""
     num_layers, num_experts, num_workers, slots = 3, 16, 4, 6
     load = torch.from_numpy(popularity((1, 3, 5), num_experts, 1.2, skew_seed=2)) * 1000
     placement = rebalance(load, num_workers, slots)
     assert (placement.logcnt > 1).any() and (placement.logcnt == 1).any()
-    counts = np.random.default_rng(0).integers(0, 9, (3, num_layers, num_experts))
-    step_id = 11
+    counts = np.random.default_rng(step_id).integers(0, 9, (3, num_layers, num_experts))
     table = ReplicaTable(placement)
     got = table.slot_rows(counts, step_id)
     for rank in range(3):

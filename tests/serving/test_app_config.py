@@ -3,6 +3,7 @@ without starting Serve."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
 
+from router.rebalancing import RebalanceConfig
 from serving.app import REPLICA_CPUS, ServeAppConfig, build_app, replica_resources, scaling_options
 from serving.proto_gen import PROTO, STUBS, generate
 
@@ -65,6 +67,17 @@ def test_autoscaling_delays_and_replication_reach_serve_and_the_cluster():
     assert cluster.redundant_slots_per_worker == 2
     assert cluster.rebalance.enabled and cluster.rebalance.interval_steps == 8
     assert not ServeAppConfig().cluster_config().rebalance.enabled
+
+
+def test_rebalance_args_carry_every_policy_field_with_its_defaults():
+    # the app's defaults are the policy's, but off
+    assert ServeAppConfig().cluster_config().rebalance == replace(RebalanceConfig(), enabled=False)
+    cfg = ServeAppConfig(rebalance={"enabled": True, "shift_steps": 16, "shift_threshold": None})
+    policy = cfg.cluster_config().rebalance
+    assert (policy.shift_steps, policy.shift_threshold) == (16, None)
+    for bad in ({"shift_steps": 0}, {"shift_threshold": 0}, {"shift_threshold": float("nan")}):
+        with pytest.raises(ValidationError):
+            ServeAppConfig.model_validate({"rebalance": bad})
 
 
 def test_disaggregated_replica_holds_its_workers_in_its_own_bundles():

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import defaultdict
 
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
@@ -19,6 +22,7 @@ from engine.llm_engine import LLMEngine
 from engine.request import SamplingParams
 from model.tokenizer import Tokenizer
 from serving.app import ServeAppConfig
+from serving.status import format_status
 from tests.helpers import random_prompts
 
 APP = "tiers"
@@ -96,6 +100,15 @@ def test_a_tiers_change_resizes_the_running_replica_in_place(server, tiny_maveri
             after["replica"] == before["replica"] and after["num_steps"] > before["num_steps"]
         )  # not restarted
         assert after["workers_desired"] == {"attention": 2, "expert": 2} and len(after["resize_seconds"]) == 1
+        metrics = httpx.get(f"{server.http}/{APP}/metrics").text
+        samples = defaultdict(list)
+        for family in text_string_to_metric_families(metrics):
+            for sample in family.samples:
+                samples[sample.name.removeprefix("llama4_ep_")].append((sample.labels, sample.value))
+        desired = {lab["role"]: v for lab, v in samples["workers_desired"]}
+        assert desired == {"attention": 2, "expert": 2}
+        assert [v for _, v in samples["resize_seconds_count"]] == [1]
+        assert "workers: attention 2, expert 2; 1 resize, " in format_status(samples)
     finally:
         serve.delete(APP)
 

@@ -297,3 +297,53 @@ def test_arrivals_within_a_duration():
     assert (np.diff(t) >= 0).all() and t[0] >= 0 and t[-1] < 40
     assert 150 < (t < 20).sum() < 250 and 1800 < (t >= 20).sum() < 2200
     assert ArrivalSpec.parse("poisson:0.001").times_within(1.0, rng).size <= 1
+
+
+def _decode_under_a_reshuffle(shift_threshold: float | None, reshuffle_every_s: float | None):
+    """32 long requests decoding on 8 expert workers; the hot experts move every
+    `reshuffle_every_s` simulated seconds. Returns the simulator after 200 steps and, per step,
+    the service's count of detected shifts and its window's length."""
+    policy = RebalanceConfig(
+        window_steps=128, interval_steps=32, report_every=8, shift_threshold=shift_threshold
+    )
+    cfg = tiny_config(
+        hardware=H100_SXM,
+        num_expert_workers=8,
+        redundant_slots_per_worker=2,
+        expert_skew=1.2,
+        scheduler=SchedulerConfig(max_num_seqs=32, token_budget=512),
+        num_kv_blocks=20000,
+        rebalance=policy,
+        reshuffle_every_s=reshuffle_every_s,
+        plan_seconds=0.002,  # about one decode step
+    )
+    sim = SimCluster(cfg)
+    for _ in range(32):
+        sim.add(8, 400)
+    seen = []
+    for _ in range(200):
+        sim.step()
+        seen.append((sim.reshuffles, sim.service.load_shifts, sim.service.window.num_steps))
+    return sim, seen
+
+
+def test_the_simulator_sees_a_reshuffle_through_the_engines_own_policy():
+    sim, seen = _decode_under_a_reshuffle(3.0, reshuffle_every_s=0.15)
+    moved = next(t for t, (reshuffles, _, _) in enumerate(seen) if reshuffles)  # new shares from this step
+    detected = next(t for t, (_, shifts, _) in enumerate(seen) if shifts)
+    assert 60 < moved < detected <= moved + 16  # at the first or second report after the move
+    assert abs(seen[detected][2] - (detected - moved + 1)) <= 1  # the window kept the new steps only
+    assert sim.service.load_shifts == sim.reshuffles  # each move seen once, nothing else taken for one
+    # without detection the window mixes old and new load: the same steps balance worse
+    plain, _ = _decode_under_a_reshuffle(None, reshuffle_every_s=0.15)
+
+    def balancedness(s: SimCluster) -> float:
+        rows = sum(step.worker_rows for step in s.steps[detected + 8 : detected + 40]).astype(float)
+        return float((rows.mean(axis=1) / rows.max(axis=1)).mean())
+
+    assert balancedness(sim) > balancedness(plain) + 0.05
+
+
+def test_a_constant_load_is_never_taken_for_a_shift():
+    sim, seen = _decode_under_a_reshuffle(3.0, reshuffle_every_s=None)
+    assert sim.service.load_shifts == 0 and seen[-1][2] == 128  # the window filled and stayed full
