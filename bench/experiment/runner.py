@@ -10,6 +10,7 @@ expert balancedness, placement version, replicas per expert). Nothing here is si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -268,7 +269,9 @@ class _OpenLoop:
                 r.error = f"no reply within drain_timeout_s={limit:g} after the load"
 
     async def sample_until(self, stop: asyncio.Event) -> None:
-        """A sample every `sample_interval_s` (and a progress line every 5 s) until `stop`."""
+        """A sample every `sample_interval_s` (and a progress line every 5 s) until `stop`, and one
+        more then: the deployment once every reply is in (figures that reach the engine's gauges
+        a report late, such as the balance, are there by then)."""
         next_log = 0.0
         while True:
             t = self.now()
@@ -280,12 +283,11 @@ class _OpenLoop:
             if t >= next_log:
                 next_log = t + 5.0
                 self.log(_progress(self.run.name, s, self.records))
-            wait = max(0.0, self.scenario.sample_interval_s - (self.now() - t))
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=wait)
+            if stop.is_set():
                 return
-            except TimeoutError:
-                pass
+            wait = max(0.0, self.scenario.sample_interval_s - (self.now() - t))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=wait)
 
 
 def _workers_per_replica(run: Run) -> int:
