@@ -92,6 +92,7 @@ class EngineCollector:
         yield expert
         yield from balancing_families(self.snapshots, self.model_name)
         yield from fault_families(self.snapshots, self.model_name)
+        yield from tier_families(self.snapshots, self.model_name)
 
 
 def balancing_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator[Metric]:
@@ -137,8 +138,7 @@ RESIZE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 def fault_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator[Metric]:
-    """Lost workers and recoveries of each engine replica (cluster engines), its workers per tier
-    (live and desired), and its resizes."""
+    """Lost workers and recoveries of each engine replica (cluster engines)."""
     labels = ["model_name", "replica"]
     failures = CounterMetricFamily(
         f"{PREFIX}_worker_failures",
@@ -152,6 +152,22 @@ def fault_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator
     replayed = CounterMetricFamily(
         f"{PREFIX}_requests_replayed", "Requests re-admitted on another attention worker", labels=labels
     )
+    for snap in snapshots:
+        f = snap.get("faults") or {}
+        if not f:
+            continue
+        values = [model_name, str(snap["replica"])]
+        for role, n in f["worker_failures"].items():
+            failures.add_metric([*values, role], float(n))
+        _observe(recoveries, values, f["recovery_seconds"], RECOVERY_BUCKETS)
+        epoch.add_metric(values, float(f["epoch"]))
+        replayed.add_metric(values, float(f["requests_replayed"]))
+    yield from (failures, recoveries, epoch, replayed)
+
+
+def tier_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator[Metric]:
+    """Workers per tier of each engine replica, live and desired, and its resizes (cluster engines)."""
+    labels = ["model_name", "replica"]
     workers = GaugeMetricFamily(f"{PREFIX}_workers", "Live workers, by role", labels=[*labels, "role"])
     desired = GaugeMetricFamily(
         f"{PREFIX}_workers_desired",
@@ -162,26 +178,23 @@ def fault_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator
         f"{PREFIX}_resize_seconds", "Seconds from a resize request to the new size serving", labels=labels
     )
     for snap in snapshots:
+        if not snap.get("workers"):
+            continue
         values = [model_name, str(snap["replica"])]
-        for role, n in (snap.get("workers") or {}).items():
+        for role, n in snap["workers"].items():
             workers.add_metric([*values, role], float(n))
         for role, n in (snap.get("workers_desired") or {}).items():
             desired.add_metric([*values, role], float(n))
-        if snap.get("workers"):
-            seconds = snap.get("resize_seconds") or []
-            buckets = [(str(b), float(sum(s <= b for s in seconds))) for b in RESIZE_BUCKETS]
-            resizes.add_metric(values, [*buckets, ("+Inf", float(len(seconds)))], sum_value=sum(seconds))
-        f = snap.get("faults") or {}
-        if not f:
-            continue
-        for role, n in f["worker_failures"].items():
-            failures.add_metric([*values, role], float(n))
-        seconds = f["recovery_seconds"]
-        buckets = [(str(b), float(sum(s <= b for s in seconds))) for b in RECOVERY_BUCKETS]
-        recoveries.add_metric(values, [*buckets, ("+Inf", float(len(seconds)))], sum_value=sum(seconds))
-        epoch.add_metric(values, float(f["epoch"]))
-        replayed.add_metric(values, float(f["requests_replayed"]))
-    yield from (failures, recoveries, epoch, replayed, workers, desired, resizes)
+        _observe(resizes, values, snap.get("resize_seconds") or [], RESIZE_BUCKETS)
+    yield from (workers, desired, resizes)
+
+
+def _observe(
+    family: HistogramMetricFamily, values: list[str], seconds: Sequence[float], bounds: Sequence[float]
+) -> None:
+    """One replica's histogram of `seconds` over the bucket `bounds` (cumulative, as Prometheus has it)."""
+    buckets = [(str(b), float(sum(s <= b for s in seconds))) for b in bounds]
+    family.add_metric(values, [*buckets, ("+Inf", float(len(seconds)))], sum_value=sum(seconds))
 
 
 class ServingMetrics:
