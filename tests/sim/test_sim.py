@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from engine.core import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -22,15 +21,6 @@ from sim.workload import ArrivalSpec, LengthSpec, Workload, make_workload
 
 TINY = model_config("tiny-maverick")
 MAVERICK = model_config("maverick")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: a second intra-op thread only adds contention (badly so on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(**kw: object) -> SimConfig:

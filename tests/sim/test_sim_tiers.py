@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from engine.autoscale import AutoscalerConfig, TierAutoscaler, TierBounds
 from engine.scheduler import SchedulerConfig
@@ -21,14 +20,6 @@ from sim.tiers import ServePolicy, ServeState, run_serve, run_tiers, serve_decid
 from sim.workload import ArrivalSpec, LengthSpec, make_workload
 
 FAST = ResizeCosts(worker_start_s=0.2, load_bandwidth=1e9)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(**kw: object) -> SimConfig:
