@@ -15,6 +15,7 @@ import torch
 from engine.request import SamplingParams
 
 _SEED_BITS = 63
+ARGMAX_CHUNK = 64  # columns per chunk of `greedy_tokens`' first pass
 _MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads consecutive indices over the seed space
 
 
@@ -34,11 +35,34 @@ def sample(
     """logits [N, V] fp32 on any device, one row per request -> N token ids. Row i draws with a
     generator on the logits' device seeded from (seeds[i], token_indices[i]). Host syncs: one for
     every greedy row together, one per sampled row."""
-    greedy = logits.argmax(-1).tolist() if any(p.temperature == 0.0 for p in params) else []
+    greedy = greedy_tokens(logits).tolist() if any(p.temperature == 0.0 for p in params) else []
     out = []
     for i, (row, p, seed, index) in enumerate(zip(logits, params, seeds, token_indices, strict=True)):
         out.append(greedy[i] if p.temperature == 0.0 else _sample_row(row, p, seed, index))
     return out
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` for [N, V] logits, the same indices (the first maximum of each row, NaN
+    counting as the maximum), faster on a CPU: torch's CPU argmax is a scalar loop, about 7 ms at
+    [32, 202048] on this machine, where `amax` is vectorized and takes 1.7 ms. So: the maximum of
+    each chunk of `ARGMAX_CHUNK` columns, the first chunk holding the row's maximum (an argmax
+    over V / 64 values), then the argmax inside that chunk. Columns beyond the last whole chunk
+    form one more, smaller chunk."""
+    n, vocab = logits.shape
+    whole = vocab // ARGMAX_CHUNK * ARGMAX_CHUNK
+    if logits.device.type != "cpu" or whole == 0:
+        return logits.argmax(-1)
+    body = logits[:, :whole].reshape(n, -1, ARGMAX_CHUNK)  # a view: rows are contiguous
+    maxima = body.amax(-1)  # [N, V // chunk]
+    if whole < vocab:
+        maxima = torch.cat([maxima, logits[:, whole:].amax(-1, keepdim=True)], 1)
+    chunk = maxima.argmax(-1)  # the first chunk holding the row's maximum (amax keeps NaN)
+    starts = chunk * ARGMAX_CHUNK
+    columns = starts[:, None] + torch.arange(ARGMAX_CHUNK, device=logits.device)
+    inside = columns < vocab  # the short last chunk
+    values = logits.gather(1, columns.clamp(max=vocab - 1)).masked_fill(~inside, float("-inf"))
+    return starts + values.argmax(-1)
 
 
 def _sample_row(row: torch.Tensor, p: SamplingParams, seed: int, index: int) -> int:
