@@ -55,9 +55,16 @@ class _Call:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_pending: int = 256, idle_wait_s: float = 0.05) -> None:
+    def __init__(
+        self, engine: Engine, max_pending: int = 256, idle_wait_s: float = 0.05, stream_interval: int = 1
+    ) -> None:
+        """`stream_interval`: tokens a request's outputs hold before they are handed on (its first
+        token and its end go at once); 1 hands on every step's output."""
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, not {stream_interval}")
         self.engine = engine
         self.max_pending = max_pending
+        self.stream_interval = stream_interval
         self._idle_wait_s = idle_wait_s
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Add] = {}
@@ -104,15 +111,38 @@ class AsyncEngine:
         )
         finished = False
         try:
-            while not finished:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+            async for out in self._joined(outputs):
+                finished = out.finished
+                yield out
         finally:
             if not finished:
                 self._commands.put(_Abort(request_id))
+
+    async def _joined(self, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """One request's outputs, fewer and larger: those already queued when the consumer comes
+        back for more are joined into one (a consumer that lags sends fewer messages, and none
+        waits), and outputs are held until they carry `stream_interval` tokens, except the first
+        token and the end. An error is raised after what came before it."""
+        held: RequestOutput | None = None
+        sent_a_token = False
+        while True:
+            item = await outputs.get()
+            while not isinstance(item, BaseException):
+                held = item if held is None else held.then(item)
+                if held.finished or outputs.empty():
+                    break
+                item = outputs.get_nowait()
+            if isinstance(item, BaseException):
+                if held is not None:
+                    yield held
+                raise item
+            n = len(held.new_token_ids)
+            if held.finished or (n and not sent_a_token) or n >= self.stream_interval:
+                sent_a_token = sent_a_token or n > 0
+                out, held = held, None
+                yield out
+                if out.finished:
+                    return
 
     def close(self) -> None:
         """Stop the step loop, then close the engine (its workers and memory)."""

@@ -99,6 +99,19 @@ class RequestOutput:
     # prompt positions reported this step (the first prompt token's entry is None)
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
+    def then(self, later: RequestOutput) -> RequestOutput:
+        """This output and the same request's next one as one (streaming several steps at once)."""
+        return RequestOutput(
+            self.request_id,
+            self.new_token_ids + later.new_token_ids,
+            later.finished,
+            later.finish_reason,
+            later.num_prompt_tokens,
+            later.num_output_tokens,
+            self.logprobs + later.logprobs,
+            self.prompt_logprobs + later.prompt_logprobs,
+        )
+
 
 @dataclass
 class StepSamples:

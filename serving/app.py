@@ -165,6 +165,11 @@ class ServeAppConfig(BaseModel):
     max_pending: int = Field(
         256, ge=1, description="requests one engine holds (running + waiting); more: 429 / RESOURCE_EXHAUSTED"
     )
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        description="tokens a stream holds before it sends them (its first token and its end go at once)",
+    )
     max_ongoing_requests: int | None = Field(
         None,
         ge=1,
@@ -311,7 +316,9 @@ def build_app(config: ServeAppConfig) -> Application:
     resources = ray.cluster_resources() if ray.is_initialized() else {"CPU": 1.0}
     # the single-process engine (expert_workers 0) computes on the replica's own GPU
     engine_cfg = config.engine.to_config(config.device)
-    spec = EngineSpec(model_dir, engine_cfg, config.cluster_config(), config.max_pending)
+    spec = EngineSpec(
+        model_dir, engine_cfg, config.cluster_config(), config.max_pending, config.stream_interval
+    )
     engine = EngineDeployment.options(
         max_ongoing_requests=config.max_ongoing_requests or config.max_pending + 32,
         max_queued_requests=config.max_queued_requests,

@@ -112,6 +112,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         default=256,
         help="requests one engine replica holds (running + waiting); more are refused with 429",
     )
+    p.add_argument(
+        "--stream-interval",
+        type=_count("--stream-interval", 1),
+        default=1,
+        help="tokens a stream holds before it sends them (the first token and the end go at once); "
+        "more: fewer, larger messages, less CPU per token (default 1: every token)",
+    )
     p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local Ray instance")
     p.set_defaults(func=_cmd_serve)
@@ -215,6 +222,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         engine={"kv_cache_memory": args.kv_cache_memory},
         max_pending=args.max_pending,
+        stream_interval=args.stream_interval,
         api_key=args.api_key,
         strict_requests=args.strict_requests,
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],

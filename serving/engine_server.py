@@ -43,6 +43,7 @@ class EngineSpec:
     engine: EngineConfig
     cluster: ClusterConfig | None
     max_pending: int
+    stream_interval: int = 1  # tokens a stream holds before it sends them (`AsyncEngine`)
     stats_interval_s: float = 5.0  # how stale the per-expert-worker token counts may be
 
 
@@ -75,7 +76,7 @@ class EngineServer:
 
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
-        self.engine = AsyncEngine(build_engine(spec), spec.max_pending)
+        self.engine = AsyncEngine(build_engine(spec), spec.max_pending, stream_interval=spec.stream_interval)
         self._replica = _replica_tag()
         self._expert_tokens: list[int] = []
         self._expert_tokens_at = 0.0
