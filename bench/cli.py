@@ -68,6 +68,25 @@ def _gpu(args: argparse.Namespace) -> int:
     return cmd_gpu(args)
 
 
+def _serve_compare(args: argparse.Namespace) -> int:
+    from bench.serve_compare import cmd_serve_compare  # lazy: start-up time of the CLI
+
+    return cmd_serve_compare(args)
+
+
+def _positive(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a whole number, not {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, not {value}")
+        return value
+
+    return parse
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -100,6 +119,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_dispatch_parser(bench)
     _add_kv_parser(bench)
     add_bench_serve_parser(bench)
+    _add_serve_compare_parser(bench)
     _add_replication_parser(bench)
     _add_faults_parser(bench)
     _add_resize_parser(bench)
@@ -116,6 +136,31 @@ def _add_overhead_parser(bench: argparse._SubParsersAction) -> None:
     o.add_argument("--reps", type=int, default=2, help="runs per batch; the fastest counts")
     o.add_argument("--expert-workers", type=int, default=2, help="cluster row: expert workers (0: skip)")
     o.set_defaults(func=_overhead)
+
+
+def _add_serve_compare_parser(bench: argparse._SubParsersAction) -> None:
+    c = bench.add_parser("serve-compare", help="vLLM CPU's server and ours, one after another, same load")
+    c.add_argument("--model", help="checkpoint (default: the bench-maverick preset, made once)")
+    c.add_argument(
+        "--servers", default="vllm,single,default", help="in order: vllm, single, default (%(default)s)"
+    )
+    c.add_argument("--num-prompts", type=_positive("--num-prompts"), default=32)
+    c.add_argument("--input-len", type=_positive("--input-len"), default=32)
+    c.add_argument("--output-len", type=_positive("--output-len"), default=32)
+    c.add_argument("--max-concurrency", type=_positive("--max-concurrency"), default=8)
+    c.add_argument("--stream-interval", type=_positive("--stream-interval"), default=1, help="ours")
+    c.add_argument("--port", type=_positive("--port"), default=8100, help="HTTP port of each server in turn")
+    c.add_argument("--peer-dir", help="where the peers were built (default ~/.cache/llama4-ep-peers)")
+    c.add_argument("--log-dir", default="serve-compare-logs", help="each server's output")
+    c.set_defaults(
+        func=_serve_compare,
+        endpoint="completions",
+        request_rate=float("inf"),
+        burstiness=1.0,
+        seed=0,
+        timeout=600.0,
+        no_ignore_eos=False,
+    )
 
 
 def _add_vision_parser(bench: argparse._SubParsersAction) -> None:

