@@ -177,13 +177,13 @@ def cmd_serve_compare(args: argparse.Namespace) -> int:
         flush=True,
     )
     rows = [measure(s, args, log_dir) for s in servers(args, model, setup)]
-    print(f"{'server':42} {'req/s':>7} {'TPOT ms':>8} {'TTFT ms':>8} {'failed':>6}")
+    print(f"{'server':60} {'req/s':>7} {'TPOT ms':>8} {'TTFT ms':>8} {'failed':>6}")
     for r in rows:
         if "skipped" in r:
-            print(f"{r['server']:42} skipped: {r['skipped']}")
+            print(f"{r['server']:60} skipped: {r['skipped']}")
             continue
         print(
-            f"{r['server']:42} {r['request_throughput']:7.2f} {r['mean_tpot_ms']:8.1f} "
+            f"{r['server']:60} {r['request_throughput']:7.2f} {r['mean_tpot_ms']:8.1f} "
             f"{r['mean_ttft_ms']:8.1f} {r['failed']:6d}"
         )
     print(json.dumps(comparison(rows)))

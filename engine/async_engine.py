@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,35 @@ from engine.protocol import Engine, EngineUnavailable
 from engine.request import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)  # seconds
+
+
+class StepTimes:
+    """A histogram of the loop's step durations (bucket counts, not every duration: a replica
+    runs for months). Written by the loop thread; a reader may see one step's update half done."""
+
+    def __init__(self, bounds: Sequence[float] = STEP_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * len(self.bounds)  # steps that took at most each bound (cumulative)
+        self.count = 0
+        self.total_s = 0.0
+
+    def add(self, seconds: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if seconds <= bound:
+                self.counts[i] += 1
+        self.count += 1
+        self.total_s += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "bounds": list(self.bounds),
+            "counts": list(self.counts),
+            "count": self.count,
+            "sum": self.total_s,
+        }
 
 
 class QueueFullError(RuntimeError):
@@ -72,6 +102,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self.num_steps = 0
+        self.step_times = StepTimes()  # the engine's own step, outside any serving hop
         self.last_metrics: dict = {}
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
@@ -157,7 +188,10 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._drain_commands(block=not self.engine.has_unfinished)
                 if self.engine.has_unfinished:
-                    self._deliver(self.engine.step())
+                    start = time.perf_counter()
+                    outputs = self.engine.step()
+                    self.step_times.add(time.perf_counter() - start)
+                    self._deliver(outputs)
                     self.num_steps += 1
                     self.last_metrics = self.engine.metrics()
         except BaseException as e:  # the engine is broken: fail every open stream, loudly

@@ -165,6 +165,12 @@ class ServeAppConfig(BaseModel):
     max_pending: int = Field(
         256, ge=1, description="requests one engine holds (running + waiting); more: 429 / RESOURCE_EXHAUSTED"
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="intra-op threads of the single-process engine (expert_workers 0); None: its "
+        "replica's share of the cluster's CPUs (cluster workers: LLAMA4_EP_WORKER_THREADS)",
+    )
     stream_interval: int = Field(
         1,
         ge=1,
@@ -197,6 +203,11 @@ class ServeAppConfig(BaseModel):
         t = self.tiers
         if self.expert_workers == 0 and (t.attention_workers or t.expert_workers or t.autoscaler.enabled):
             raise ValueError("tiers need the cluster engine (expert_workers >= 1)")
+        if self.expert_workers and self.threads is not None:
+            raise ValueError(
+                "threads sizes the single-process engine (expert_workers 0); cluster workers take "
+                "LLAMA4_EP_WORKER_THREADS"
+            )
         if self.expert_workers == 0 and self.vision_workers:
             raise ValueError(
                 "vision_workers need the disaggregated engine (expert_workers >= 1); "
@@ -266,6 +277,16 @@ def replica_resources(cfg: ServeAppConfig, cpus_available: float, gpus_available
     }
 
 
+def engine_threads(cfg: ServeAppConfig, cpus_available: float) -> int | None:
+    """Intra-op threads of a single-process engine replica: `threads`, else its share of the
+    cluster's CPUs (at least 1). The replica reserves at most 1 CPU so that other deployments
+    still fit, and Ray then sets OMP_NUM_THREADS=1, which left the lm_head, most of a decode
+    step here, on one of the machine's cores. The cluster engine computes in its workers: None."""
+    if cfg.expert_workers:
+        return None
+    return cfg.threads or max(1, math.floor(cpus_available / cfg.autoscaling.max_replicas))
+
+
 def scaling_options(cfg: ServeAppConfig) -> dict[str, Any]:
     a = cfg.autoscaling
     if a.min_replicas == a.max_replicas:
@@ -317,7 +338,12 @@ def build_app(config: ServeAppConfig) -> Application:
     # the single-process engine (expert_workers 0) computes on the replica's own GPU
     engine_cfg = config.engine.to_config(config.device)
     spec = EngineSpec(
-        model_dir, engine_cfg, config.cluster_config(), config.max_pending, config.stream_interval
+        model_dir,
+        engine_cfg,
+        config.cluster_config(),
+        config.max_pending,
+        config.stream_interval,
+        engine_threads(config, resources.get("CPU", 0.0)),
     )
     engine = EngineDeployment.options(
         max_ongoing_requests=config.max_ongoing_requests or config.max_pending + 32,

@@ -113,6 +113,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="requests one engine replica holds (running + waiting); more are refused with 429",
     )
     p.add_argument(
+        "--threads",
+        type=_count("--threads", 1),
+        default=None,
+        help="intra-op threads of the single-process engine (default: its share of the CPUs)",
+    )
+    p.add_argument(
         "--stream-interval",
         type=_count("--stream-interval", 1),
         default=1,
@@ -223,6 +229,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         engine={"kv_cache_memory": args.kv_cache_memory},
         max_pending=args.max_pending,
         stream_interval=args.stream_interval,
+        threads=args.threads,
         api_key=args.api_key,
         strict_requests=args.strict_requests,
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],

@@ -17,6 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from ray import serve
 from ray.util import get_current_placement_group
 
@@ -44,6 +45,9 @@ class EngineSpec:
     cluster: ClusterConfig | None
     max_pending: int
     stream_interval: int = 1  # tokens a stream holds before it sends them (`AsyncEngine`)
+    # intra-op threads of the single-process engine's math; None: what Ray set (OMP_NUM_THREADS is
+    # the replica's reserved CPUs, rounded down, at least 1)
+    threads: int | None = None
     stats_interval_s: float = 5.0  # how stale the per-expert-worker token counts may be
 
 
@@ -76,6 +80,8 @@ class EngineServer:
 
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
         self.engine = AsyncEngine(build_engine(spec), spec.max_pending, stream_interval=spec.stream_interval)
         self._replica = _replica_tag()
         self._expert_tokens: list[int] = []
@@ -174,6 +180,7 @@ class EngineServer:
             "kv_blocks_used": gauges.get("kv_blocks_used", 0),
             "kv_blocks_total": gauges.get("kv_blocks_total") or self.spec.engine.num_kv_blocks,
             "num_steps": self.engine.num_steps,
+            "step_seconds": self.engine.step_times.snapshot(),
             "num_preemptions": gauges.get("num_preemptions", 0),
             "expert_worker_tokens": list(self._expert_tokens),
             "balancing": dict(gauges.get("balancing") or {}),

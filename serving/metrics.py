@@ -93,6 +93,26 @@ class EngineCollector:
         yield from balancing_families(self.snapshots, self.model_name)
         yield from fault_families(self.snapshots, self.model_name)
         yield from tier_families(self.snapshots, self.model_name)
+        yield from step_families(self.snapshots, self.model_name)
+
+
+def step_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator[Metric]:
+    """How long each replica's engine steps take, on their own: a token's inter-token latency
+    less its step time is what the serving path (ingress, Serve, Ray) added."""
+    steps = HistogramMetricFamily(
+        f"{PREFIX}_engine_step_seconds",
+        "Seconds per engine step (schedule, model, sample), without the serving hops",
+        labels=["model_name", "replica"],
+    )
+    for snap in snapshots:
+        h = snap.get("step_seconds")
+        if not h:
+            continue
+        buckets = [(str(b), float(n)) for b, n in zip(h["bounds"], h["counts"], strict=True)]
+        steps.add_metric(
+            [model_name, str(snap["replica"])], [*buckets, ("+Inf", float(h["count"]))], sum_value=h["sum"]
+        )
+    yield steps
 
 
 def balancing_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator[Metric]:

@@ -13,7 +13,14 @@ from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
 
 from router.rebalancing import RebalanceConfig
-from serving.app import REPLICA_CPUS, ServeAppConfig, build_app, replica_resources, scaling_options
+from serving.app import (
+    REPLICA_CPUS,
+    ServeAppConfig,
+    build_app,
+    engine_threads,
+    replica_resources,
+    scaling_options,
+)
 from serving.proto_gen import PROTO, STUBS, generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,3 +182,16 @@ def test_vision_workers_and_media_arguments():
         ServeAppConfig(media={"max_images_per_prompt": 0})
     bundles = replica_resources(ServeAppConfig(vision_workers=1), 4.0, 0.0)["placement_group_bundles"]
     assert len(bundles) == 1 + 1 + 2 + 1  # the replica, attention, experts, vision
+
+
+def test_the_single_process_engine_computes_on_its_share_of_the_cpus():
+    single = ServeAppConfig(expert_workers=0)
+    # the replica reserves at most 1 CPU (Ray's OMP_NUM_THREADS would then be 1), its math uses 2
+    assert replica_resources(single, 2.0, 0.0)["ray_actor_options"]["num_cpus"] == 1.0
+    assert engine_threads(single, 2.0) == 2
+    two = ServeAppConfig(expert_workers=0, autoscaling={"min_replicas": 1, "max_replicas": 2})
+    assert engine_threads(two, 2.0) == 1 and engine_threads(two, 0.5) == 1
+    assert engine_threads(ServeAppConfig(expert_workers=0, threads=3), 2.0) == 3
+    assert engine_threads(ServeAppConfig(), 2.0) is None  # the cluster engine computes in its workers
+    with pytest.raises(ValidationError, match="threads sizes the single-process engine"):
+        ServeAppConfig(threads=2)

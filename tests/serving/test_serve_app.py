@@ -254,17 +254,24 @@ def test_metrics(server):
         json={"model": server.model, "prompt": "x", "max_tokens": 4},
         timeout=30,
     )
-    # enough steps for the router service's balance figures to reach the engine
-    httpx.post(
-        f"{server.http}/v1/completions",
-        json={"model": server.model, "prompt": "y", "max_tokens": 40, "temperature": 0},
-        timeout=60,
+    bad = httpx.post(
+        f"{server.http}/v1/completions", json={"model": server.model, "max_tokens": 4}, timeout=30
     )
-    text = httpx.get(f"{server.http}/metrics").text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples.setdefault(s.name, []).append(s)
+    assert bad.status_code == 400  # counted below (no prompt)
+    # the router service's balance figures reach the engine a load report after the steps they
+    # count (the engine never waits for it): run steps until they are there
+    for _ in range(20):
+        httpx.post(
+            f"{server.http}/v1/completions",
+            json={"model": server.model, "prompt": "y", "max_tokens": 16, "ignore_eos": True},
+            timeout=60,
+        )
+        samples = {}
+        for family in text_string_to_metric_families(httpx.get(f"{server.http}/metrics").text):
+            for s in family.samples:
+                samples.setdefault(s.name, []).append(s)
+        if "llama4_ep_expert_balancedness" in samples:
+            break
 
     def total(name: str, **labels: str) -> float:
         return sum(s.value for s in samples[name] if all(s.labels.get(k) == v for k, v in labels.items()))
@@ -281,6 +288,10 @@ def test_metrics(server):
     layers = {s.labels["layer"]: s.value for s in samples["llama4_ep_expert_balancedness"]}
     assert set(layers) == {"all", "0", "1", "2", "3"} and all(0 < v <= 1 for v in layers.values())
     assert total("llama4_ep_placement_version") == 0 and total("llama4_ep_expert_replicas_max") == 1
+    steps = {s.labels["le"]: s.value for s in samples["llama4_ep_engine_step_seconds_bucket"]}
+    assert steps["+Inf"] >= 2  # the two requests' prefills at least
+    assert list(steps.values()) == sorted(steps.values())  # cumulative buckets
+    assert total("llama4_ep_engine_step_seconds_sum") > 0
 
 
 def test_status_command_reads_the_server(server):
