@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -80,8 +81,8 @@ class EngineServer:
 
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
-        if spec.threads is not None:
-            torch.set_num_threads(spec.threads)
+        if spec.threads is not None:  # no more than the cores this process may run on
+            torch.set_num_threads(min(spec.threads, len(os.sched_getaffinity(0))))
         self.engine = AsyncEngine(build_engine(spec), spec.max_pending, stream_interval=spec.stream_interval)
         self._replica = _replica_tag()
         self._expert_tokens: list[int] = []
