@@ -338,8 +338,10 @@ class RequestTimer:
             self.first = now
             self.m.ttft.labels(self.m.model_name).observe(now - self.start)
             self.m.prefill.labels(self.m.model_name).observe(now - self.start)
-        else:
-            self.m.itl.labels(self.m.model_name).observe(now - self.last)
+        else:  # several tokens in one delta (a joined stream): the gap is shared among them
+            itl = self.m.itl.labels(self.m.model_name)
+            for _ in range(n):
+                itl.observe((now - self.last) / n)
         self.last = now
         self.m.generation_tokens.labels(self.m.model_name).inc(n)
 
