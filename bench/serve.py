@@ -232,6 +232,37 @@ async def run(args: argparse.Namespace, model: str) -> tuple[list[RequestResult]
         return list(results), time.perf_counter() - start
 
 
+def engine_steps(base_url: str) -> tuple[float, float] | None:
+    """(seconds, steps) the server's engine replicas have stepped so far, summed over replicas,
+    from its /metrics (`llama4_ep_engine_step_seconds`); None from a server without them."""
+    import httpx
+
+    try:
+        text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return None
+    totals = {"_sum": 0.0, "_count": 0.0}
+    seen = False
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        for suffix in totals:
+            if name == f"llama4_ep_engine_step_seconds{suffix}":
+                totals[suffix] += float(rest.rsplit(" ", 1)[-1])
+                seen = True
+    return (totals["_sum"], totals["_count"]) if seen else None
+
+
+def step_figures(
+    before: tuple[float, float] | None, after: tuple[float, float] | None, mean_itl_ms: float
+) -> dict[str, float]:
+    """The engine's mean step over the run, and what the serving path added to each token beyond
+    it (mean ITL less mean step); {} for a server that does not report its steps."""
+    if before is None or after is None or after[1] <= before[1]:
+        return {}
+    step_ms = (after[0] - before[0]) / (after[1] - before[1]) * 1e3
+    return {"mean_engine_step_ms": step_ms, "itl_minus_step_ms": mean_itl_ms - step_ms}
+
+
 def _served_model(base_url: str) -> str:
     import httpx
 
@@ -247,8 +278,10 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         model = args.model or _served_model(args.base_url)
     except httpx.HTTPError as e:
         raise ValueError(f"cannot reach {args.base_url}: {e}") from None
+    before = engine_steps(args.base_url)
     results, duration = asyncio.run(run(args, model))
     figures = summarize(results, duration, slos, percentiles)
+    figures.update(step_figures(before, engine_steps(args.base_url), figures["mean_itl_ms"]))
     _print_table(args, model, figures, percentiles, [r.error for r in results if not r.ok])
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
     return 0 if figures["completed"] else 1
@@ -280,6 +313,10 @@ def _print_table(
         for key in ("mean", "median", "std", *(f"p{p:g}" for p in percentiles)):
             label = key.upper() if key.startswith("p") else key.capitalize()
             rows.append((f"{label} {name.upper()} (ms)", f"{f[f'{key}_{name}_ms']:.2f}"))
+    if "mean_engine_step_ms" in f:
+        rows.append(("--- The server's engine (its /metrics) ---", ""))
+        rows.append(("Mean engine step (ms)", f"{f['mean_engine_step_ms']:.2f}"))
+        rows.append(("Mean ITL less mean step (ms)", f"{f['itl_minus_step_ms']:.2f}"))
     for label, value in rows:
         print(f"{label:<40} {value:>12}")
     for error in sorted(set(errors))[:5]:

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,9 +143,10 @@ class AsyncEngine:
         )
         finished = False
         try:
-            async for out in self._joined(outputs):
-                finished = out.finished
-                yield out
+            async with aclosing(self._joined(outputs)) as joined:
+                async for out in joined:
+                    finished = out.finished
+                    yield out
         finally:
             if not finished:
                 self._commands.put(_Abort(request_id))

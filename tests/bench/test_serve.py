@@ -13,6 +13,7 @@ from bench.serve import (
     add_bench_serve_parser,
     arrival_gaps,
     parse_goodput,
+    step_figures,
     summarize,
 )
 
@@ -58,3 +59,10 @@ def test_parser_registers_under_bench():
     )
     assert (args.request_rate, args.max_concurrency, args.goodput) == (8.0, 4, ["ttft:100"])
     assert math.isinf(parser.parse_args(["serve"]).request_rate)
+
+
+def test_step_figures_over_the_run():
+    figures = step_figures((1.0, 100.0), (3.0, 140.0), mean_itl_ms=60.0)
+    assert figures == pytest.approx({"mean_engine_step_ms": 50.0, "itl_minus_step_ms": 10.0})
+    # a server without the metric, or no step during the run: no figure
+    assert step_figures(None, (3.0, 140.0), 60.0) == {} == step_figures((1.0, 100.0), (1.0, 100.0), 60.0)

@@ -316,6 +316,10 @@ def test_bench_serve_against_the_server(server, capsys):
     assert figures["completed"] == 6 and figures["failed"] == 0
     assert figures["total_output_tokens"] == 24 and figures["request_goodput"] > 0
     assert figures["mean_ttft_ms"] > 0 and figures["mean_tpot_ms"] > 0 and figures["p99_itl_ms"] > 0
+    # from the server's engine_step_seconds over the run
+    assert 0 < figures["mean_engine_step_ms"] < figures["mean_e2el_ms"]
+    expected = figures["mean_itl_ms"] - figures["mean_engine_step_ms"]
+    assert figures["itl_minus_step_ms"] == pytest.approx(expected, abs=0.01)
 
 
 # -- a dead engine ----------------------------------------------------------------------------
