@@ -142,7 +142,10 @@ def _add_serve_compare_parser(bench: argparse._SubParsersAction) -> None:
     c = bench.add_parser("serve-compare", help="vLLM CPU's server and ours, one after another, same load")
     c.add_argument("--model", help="checkpoint (default: the bench-maverick preset, made once)")
     c.add_argument(
-        "--servers", default="vllm,single,default", help="in order: vllm, single, default (%(default)s)"
+        "--servers",
+        default="vllm,single,default",
+        help="in order: vllm, single, colocated, default; ours take a stream interval, single:4 "
+        "(%(default)s)",
     )
     c.add_argument("--num-prompts", type=_positive("--num-prompts"), default=32)
     c.add_argument("--input-len", type=_positive("--input-len"), default=32)

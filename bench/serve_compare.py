@@ -51,9 +51,9 @@ def servers(args: argparse.Namespace, model: Path, setup: PeerSetup) -> list[Ser
         if name == "vllm" and not interval:
             out.append(_vllm(setup, model, port))
             continue
-        if name not in ("single", "default") or (interval and not interval.isdigit()):
+        if name not in ("single", "colocated", "default") or (interval and not interval.isdigit()):
             raise ValueError(
-                f"--servers: unknown server {item!r}; choose from vllm, single, default "
+                f"--servers: unknown server {item!r}; choose from vllm, single, colocated, default "
                 "(ours with a stream interval: single:4)"
             )
         ours = [sys.executable, "-m", "cli.main", "serve", "--model", str(model), "--http-port", port]
@@ -67,6 +67,9 @@ def servers(args: argparse.Namespace, model: Path, setup: PeerSetup) -> list[Ser
         held = f", stream interval {interval}" if interval else ""
         if name == "single":
             out.append(Server(key, f"llama4-ep single-process{held}", [*ours, "--expert-workers", "0"], {}))
+        elif name == "colocated":
+            colocated = [*ours, "--expert-workers", "0", "--colocate-ingress"]
+            out.append(Server(key, f"llama4-ep single-process, ingress in its replica{held}", colocated, {}))
         else:
             out.append(Server(key, f"llama4-ep 1 attention + 2 expert workers{held}", ours, {}))
     return out

@@ -113,6 +113,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="requests one engine replica holds (running + waiting); more are refused with 429",
     )
     p.add_argument(
+        "--colocate-ingress",
+        action="store_true",
+        help="with --expert-workers 0: the ingress in the engine's replica (one Ray hop fewer per token)",
+    )
+    p.add_argument(
         "--threads",
         type=_count("--threads", 1),
         default=None,
@@ -230,6 +235,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_pending=args.max_pending,
         stream_interval=args.stream_interval,
         threads=args.threads,
+        colocate_ingress=args.colocate_ingress,
         api_key=args.api_key,
         strict_requests=args.strict_requests,
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],

@@ -5,12 +5,13 @@ the call into the engine deployment, detokenization, and the metrics of every re
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -21,7 +22,7 @@ from engine.request import SamplingParams
 from model.config import ModelConfig
 from model.image_processing import ImageProcessor, ProcessedImage
 from model.tokenizer import Tokenizer
-from serving.engine_server import EngineFailure
+from serving.engine_server import EngineFailure, EngineServer
 from serving.media import MediaConfig
 from serving.metrics import RequestTimer, ServingMetrics
 from serving.multimodal import ImageInputs
@@ -57,11 +58,85 @@ class TextDelta:
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
 
+class EngineCall(Protocol):
+    """One request's stream from the engine: `RequestOutput`s, or one `EngineFailure`."""
+
+    def __aiter__(self) -> AsyncIterator[Any]: ...
+
+    def cancel(self) -> None: ...
+
+
+class EngineCalls(Protocol):
+    """How the ingress reaches its engine: one stream per request, and a call to every replica."""
+
+    def generate(
+        self, prompt: list[int], params: SamplingParams, request_id: str, images: list[ProcessedImage] | None
+    ) -> EngineCall: ...
+
+    async def broadcast(self, method: str) -> list[Any]:
+        """`EngineServer.<method>()` of every engine replica: its result, or its exception."""
+        ...
+
+
+class HandleCalls:
+    """The engine deployment's replicas, other Ray actors, through its Serve handle."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.streaming = handle.options(stream=True)
+
+    def generate(
+        self, prompt: list[int], params: SamplingParams, request_id: str, images: list[ProcessedImage] | None
+    ) -> EngineCall:
+        extra = {"images": images} if images else {}
+        return self.streaming.generate.remote(prompt, params, request_id, **extra)
+
+    async def broadcast(self, method: str) -> list[Any]:
+        try:
+            response = self.handle.broadcast(method)
+            return await response.results_async(timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True)
+        except Exception as e:
+            log.warning("engine %s call failed: %s", method, e)
+            return []
+
+
+class LocalCalls:
+    """An engine server in the ingress's own replica (the colocated layout): the same calls
+    without a Ray hop, so no message per token between two processes."""
+
+    def __init__(self, server: EngineServer) -> None:
+        self.server = server
+
+    def generate(
+        self, prompt: list[int], params: SamplingParams, request_id: str, images: list[ProcessedImage] | None
+    ) -> EngineCall:
+        return _LocalCall(self.server.generate(prompt, params, request_id, images))
+
+    async def broadcast(self, method: str) -> list[Any]:
+        try:
+            result = getattr(self.server, method)()
+            if inspect.isawaitable(result):
+                result = await asyncio.wait_for(result, CONTROL_TIMEOUT_S)
+            return [result]
+        except Exception as e:
+            return [e]
+
+
+class _LocalCall:
+    def __init__(self, outputs: AsyncIterator[Any]) -> None:
+        self._outputs = outputs
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._outputs
+
+    def cancel(self) -> None:
+        """Close the engine server's stream (that aborts the request and frees its blocks)."""
+        asyncio.get_running_loop().create_task(self._outputs.aclose())
+
+
 class Frontend:
-    def __init__(self, engine: Any, spec: IngressSpec) -> None:
-        """`engine`: a DeploymentHandle to the engine deployment."""
+    def __init__(self, engine: EngineCalls, spec: IngressSpec) -> None:
         self.engine = engine
-        self.streaming = engine.options(stream=True)
         self.tokenizer = Tokenizer(spec.model_dir)
         self.context_length = ModelConfig.from_file(Path(spec.model_dir)).max_position_embeddings
         self.model = spec.served_model_name
@@ -94,8 +169,7 @@ class Frontend:
             len(prompt_token_ids),
             params.max_tokens,
         )
-        extra = {"images": images} if images else {}
-        call = self.streaming.generate.remote(prompt_token_ids, params, request_id, **extra)
+        call = self.engine.generate(prompt_token_ids, params, request_id, images)
         text = IncrementalDetokenizer(self.tokenizer, params.stop)
         finished = admitted = False
         items = _engine_items(call)
@@ -131,21 +205,13 @@ class Frontend:
 
     async def engine_snapshots(self) -> list[dict[str, Any]]:
         """`EngineServer.metrics()` of every engine replica (those that answer in time)."""
-        results = await self._broadcast("metrics")
+        results = await self.engine.broadcast("metrics")
         return [r for r in results if isinstance(r, dict)]
 
     async def engine_alive(self) -> bool:
         """True when there is an engine replica and every one of them runs its step loop."""
-        results = await self._broadcast("is_alive")
+        results = await self.engine.broadcast("is_alive")
         return bool(results) and all(r is True for r in results)
-
-    async def _broadcast(self, method: str) -> list[Any]:
-        try:
-            response = self.engine.broadcast(method)
-            return await response.results_async(timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True)
-        except Exception as e:
-            log.warning("engine %s call failed: %s", method, e)
-            return []
 
 
 async def _engine_items(call: Any) -> AsyncIterator[Any]:

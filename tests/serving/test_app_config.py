@@ -195,3 +195,10 @@ def test_the_single_process_engine_computes_on_its_share_of_the_cpus():
     assert engine_threads(ServeAppConfig(), 2.0) is None  # the cluster engine computes in its workers
     with pytest.raises(ValidationError, match="threads sizes the single-process engine"):
         ServeAppConfig(threads=2)
+
+
+def test_the_ingress_colocates_with_the_single_process_engine_only():
+    cfg = ServeAppConfig(expert_workers=0, colocate_ingress=True)
+    assert cfg.layout() == "single-process engine, ingress in its replica"
+    with pytest.raises(ValidationError, match="colocate_ingress needs the single-process engine"):
+        ServeAppConfig(colocate_ingress=True)
