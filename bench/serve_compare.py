@@ -160,7 +160,9 @@ def comparison(rows: list[dict[str, Any]]) -> dict[str, Any]:
     vllm = next((r for r in rows if r["key"] == "vllm" and "skipped" not in r), None)
     out: dict[str, Any] = {}
     for r in rows:
-        key = r["key"]
+        key, n = r["key"], 2
+        while key in out:  # a server measured again: single, single_2, ...
+            key, n = f"{r['key']}_{n}", n + 1
         if "skipped" in r:
             out[key] = None
             continue

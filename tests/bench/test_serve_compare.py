@@ -65,5 +65,7 @@ def test_ratios_against_vllm():
         "tpot_vs_vllm": 2.0,
     }
     assert out["default"] is None
+    again = comparison([*rows, {"key": "single", "request_throughput": 5.0, "mean_tpot_ms": 50.0}])
+    assert again["single"]["req_s"] == 4.0 and again["single_2"]["req_s"] == 5.0
     # without vLLM's figures there are no ratios
     assert "req_s_vs_vllm" not in comparison(rows[1:])["single"]
