@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bench.gpu_args import add_gpu_arguments
 from bench.serve import add_bench_serve_parser
+from serving.cli import count_type
 
 
 def _decode(args: argparse.Namespace) -> int:
@@ -74,19 +75,6 @@ def _serve_compare(args: argparse.Namespace) -> int:
     return cmd_serve_compare(args)
 
 
-def _positive(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a whole number, not {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, not {value}")
-        return value
-
-    return parse
-
-
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -147,12 +135,14 @@ def _add_serve_compare_parser(bench: argparse._SubParsersAction) -> None:
         help="in order: vllm, single, colocated, default; ours take a stream interval, single:4 "
         "(%(default)s)",
     )
-    c.add_argument("--num-prompts", type=_positive("--num-prompts"), default=32)
-    c.add_argument("--input-len", type=_positive("--input-len"), default=32)
-    c.add_argument("--output-len", type=_positive("--output-len"), default=32)
-    c.add_argument("--max-concurrency", type=_positive("--max-concurrency"), default=8)
-    c.add_argument("--stream-interval", type=_positive("--stream-interval"), default=1, help="ours")
-    c.add_argument("--port", type=_positive("--port"), default=8100, help="HTTP port of each server in turn")
+    c.add_argument("--num-prompts", type=count_type("--num-prompts", 1), default=32)
+    c.add_argument("--input-len", type=count_type("--input-len", 1), default=32)
+    c.add_argument("--output-len", type=count_type("--output-len", 1), default=32)
+    c.add_argument("--max-concurrency", type=count_type("--max-concurrency", 1), default=8)
+    c.add_argument("--stream-interval", type=count_type("--stream-interval", 1), default=1, help="ours")
+    c.add_argument(
+        "--port", type=count_type("--port", 1), default=8100, help="HTTP port of each server in turn"
+    )
     c.add_argument("--peer-dir", help="where the peers were built (default ~/.cache/llama4-ep-peers)")
     c.add_argument("--log-dir", default="serve-compare-logs", help="each server's output")
     c.set_defaults(

@@ -236,20 +236,21 @@ def engine_steps(base_url: str) -> tuple[float, float] | None:
     """(seconds, steps) the server's engine replicas have stepped so far, summed over replicas,
     from its /metrics (`llama4_ep_engine_step_seconds`); None from a server without them."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
     try:
         text = httpx.get(f"{base_url}/metrics", timeout=30).text
     except httpx.HTTPError:
         return None
-    totals = {"_sum": 0.0, "_count": 0.0}
-    seen = False
-    for line in text.splitlines():
-        name, _, rest = line.partition("{")
-        for suffix in totals:
-            if name == f"llama4_ep_engine_step_seconds{suffix}":
-                totals[suffix] += float(rest.rsplit(" ", 1)[-1])
-                seen = True
-    return (totals["_sum"], totals["_count"]) if seen else None
+    for family in text_string_to_metric_families(text):
+        if family.name == "llama4_ep_engine_step_seconds":
+            by_name = {"_sum": 0.0, "_count": 0.0}
+            for sample in family.samples:
+                suffix = sample.name.removeprefix(family.name)
+                if suffix in by_name:
+                    by_name[suffix] += sample.value
+            return by_name["_sum"], by_name["_count"]
+    return None
 
 
 def step_figures(

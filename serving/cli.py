@@ -24,7 +24,9 @@ DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 9000
 
 
-def _count(name: str, minimum: int):
+def count_type(name: str, minimum: int):
+    """An argparse type: a whole number of at least `minimum` (argparse names the flag)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -41,16 +43,16 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the model over OpenAI-style HTTP and gRPC (Ray Serve)")
     p.add_argument("--model", help="checkpoint directory (default: the tiny-maverick checkpoint, made once)")
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: dir name)")
-    p.add_argument("--attention-workers", type=_count("--attention-workers", 1), default=1)
+    p.add_argument("--attention-workers", type=count_type("--attention-workers", 1), default=1)
     p.add_argument(
         "--expert-workers",
-        type=_count("--expert-workers", 0),
+        type=count_type("--expert-workers", 0),
         default=2,
         help="expert workers per engine replica (default 2); 0 serves the single-process engine",
     )
     p.add_argument(
         "--redundant-slots",
-        type=_count("--redundant-slots", 0),
+        type=count_type("--redundant-slots", 0),
         default=0,
         help="expert slots per worker beyond experts / workers, for replicas of hot experts",
     )
@@ -64,10 +66,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="size each replica's expert and attention tiers from their load (bounds below)",
     )
-    p.add_argument("--min-expert-workers", type=_count("--min-expert-workers", 1), default=1)
-    p.add_argument("--max-expert-workers", type=_count("--max-expert-workers", 1), default=8)
-    p.add_argument("--min-attention-workers", type=_count("--min-attention-workers", 1), default=1)
-    p.add_argument("--max-attention-workers", type=_count("--max-attention-workers", 1), default=4)
+    p.add_argument("--min-expert-workers", type=count_type("--min-expert-workers", 1), default=1)
+    p.add_argument("--max-expert-workers", type=count_type("--max-expert-workers", 1), default=8)
+    p.add_argument("--min-attention-workers", type=count_type("--min-attention-workers", 1), default=1)
+    p.add_argument("--max-attention-workers", type=count_type("--max-attention-workers", 1), default=4)
     p.add_argument(
         "--cpus-per-worker",
         type=float,
@@ -83,10 +85,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "or a size (40GiB); default: a fixed 4096 blocks",
     )
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
-    p.add_argument("--http-port", type=_count("--http-port", 1), default=DEFAULT_HTTP_PORT)
+    p.add_argument("--http-port", type=count_type("--http-port", 1), default=DEFAULT_HTTP_PORT)
     p.add_argument(
         "--grpc-port",
-        type=_count("--grpc-port", 1),
+        type=count_type("--grpc-port", 1),
         default=DEFAULT_GRPC_PORT,
         help="gRPC port (Serve's gRPC proxy listens on all interfaces whatever --host says)",
     )
@@ -108,7 +110,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-pending",
-        type=_count("--max-pending", 1),
+        type=count_type("--max-pending", 1),
         default=256,
         help="requests one engine replica holds (running + waiting); more are refused with 429",
     )
@@ -119,13 +121,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--threads",
-        type=_count("--threads", 1),
+        type=count_type("--threads", 1),
         default=None,
         help="intra-op threads of the single-process engine (default: its share of the CPUs)",
     )
     p.add_argument(
         "--stream-interval",
-        type=_count("--stream-interval", 1),
+        type=count_type("--stream-interval", 1),
         default=1,
         help="tokens a stream holds before it sends them (the first token and the end go at once); "
         "more: fewer, larger messages, less CPU per token (default 1: every token)",
@@ -139,13 +141,13 @@ def _add_image_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("images")
     g.add_argument(
         "--vision-workers",
-        type=_count("--vision-workers", 0),
+        type=count_type("--vision-workers", 0),
         default=0,
         help="vision-encoder actors per engine replica (default 0: the attention workers encode)",
     )
     g.add_argument(
         "--max-images-per-prompt",
-        type=_count("--max-images-per-prompt", 1),
+        type=count_type("--max-images-per-prompt", 1),
         default=8,
         help="images one request may carry (default 8)",
     )
@@ -183,7 +185,7 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc", action="store_true", help="use gRPC (default: HTTP)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument(
-        "--port", type=_count("--port", 1), default=None, help="default 8000 (HTTP) or 9000 (gRPC)"
+        "--port", type=count_type("--port", 1), default=None, help="default 8000 (HTTP) or 9000 (gRPC)"
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="raw text, tokenized with <|begin_of_text|>")
@@ -191,7 +193,7 @@ def add_client_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--image", action="append", default=None, help="an image file shown before --chat's text (repeatable)"
     )
-    p.add_argument("--max-tokens", type=_count("--max-tokens", 1), default=64)
+    p.add_argument("--max-tokens", type=count_type("--max-tokens", 1), default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)

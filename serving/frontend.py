@@ -125,13 +125,14 @@ class LocalCalls:
 class _LocalCall:
     def __init__(self, outputs: AsyncIterator[Any]) -> None:
         self._outputs = outputs
+        self._closing: asyncio.Task | None = None  # held: the loop keeps only weak references
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._outputs
 
     def cancel(self) -> None:
         """Close the engine server's stream (that aborts the request and frees its blocks)."""
-        asyncio.get_running_loop().create_task(self._outputs.aclose())
+        self._closing = asyncio.get_running_loop().create_task(self._outputs.aclose())
 
 
 class Frontend:

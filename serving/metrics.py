@@ -108,9 +108,8 @@ def step_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator[
         h = snap.get("step_seconds")
         if not h:
             continue
-        buckets = [(str(b), float(n)) for b, n in zip(h["bounds"], h["counts"], strict=True)]
-        steps.add_metric(
-            [model_name, str(snap["replica"])], [*buckets, ("+Inf", float(h["count"]))], sum_value=h["sum"]
+        _add_histogram(
+            steps, [model_name, str(snap["replica"])], h["bounds"], h["counts"], h["count"], h["sum"]
         )
     yield steps
 
@@ -212,9 +211,23 @@ def tier_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator[
 def _observe(
     family: HistogramMetricFamily, values: list[str], seconds: Sequence[float], bounds: Sequence[float]
 ) -> None:
-    """One replica's histogram of `seconds` over the bucket `bounds` (cumulative, as Prometheus has it)."""
-    buckets = [(str(b), float(sum(s <= b for s in seconds))) for b in bounds]
-    family.add_metric(values, [*buckets, ("+Inf", float(len(seconds)))], sum_value=sum(seconds))
+    """One replica's histogram of `seconds` over the bucket `bounds`."""
+    counts = [sum(s <= b for s in seconds) for b in bounds]
+    _add_histogram(family, values, bounds, counts, len(seconds), sum(seconds))
+
+
+def _add_histogram(
+    family: HistogramMetricFamily,
+    values: list[str],
+    bounds: Sequence[float],
+    counts: Sequence[int],
+    count: int,
+    total: float,
+) -> None:
+    """One replica's histogram: `counts[i]` observations at most `bounds[i]` (cumulative, as
+    Prometheus has it), `count` in all, summing to `total`."""
+    buckets = [(str(b), float(n)) for b, n in zip(bounds, counts, strict=True)]
+    family.add_metric(values, [*buckets, ("+Inf", float(count))], sum_value=total)
 
 
 class ServingMetrics:
