@@ -14,7 +14,6 @@ import json
 from collections.abc import Sequence
 
 import llguidance
-import llguidance.torch as llg_torch
 import torch
 from llguidance.tiktoken import lltokenizer_from_encoding
 
@@ -97,8 +96,14 @@ class GuidedDecoding:
         rows = [(i, self._matchers[r]) for i, r in enumerate(request_ids) if r in self._matchers]
         if not rows:
             return None
-        bitmask = llg_torch.allocate_token_bitmask(len(request_ids), self.vocab_size)
-        llg_torch.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in rows], bitmask)
+        # one bit per token, 32 to an int32 word; set bits = allowed. Filled in place by the
+        # executor (what llguidance.torch does, whose import costs ~4 s: it compiles a kernel
+        # with torch.compile, and so loads torch's inductor, in every engine process)
+        words = (self.vocab_size + 31) // 32
+        bitmask = torch.full((len(request_ids), words), -1, dtype=torch.int32)
+        self._executor.unsafe_compute_mask_ptr(
+            [(m, i) for i, m in rows], bitmask.data_ptr(), words * 4, len(request_ids)
+        )
         bits = (bitmask.unsqueeze(-1) >> _BITS) & 1
         return bits.reshape(len(request_ids), -1)[:, : self.vocab_size].bool()
 
