@@ -32,9 +32,20 @@ def references(tiny_maverick, tiny_scout):
     return out
 
 
+# Each layout once, on the preset where it has most to show: one worker, an even split of
+# maverick's 128 experts, an uneven split under both presets, and scout's 16
+# experts over 8 workers, where every layer is MoE. Each case starts m + n actors: ~3-5 s each here.
+LAYOUTS = [
+    ("tiny-maverick", 1, 1),
+    ("tiny-maverick", 1, 4),
+    ("tiny-maverick", 2, 3),
+    ("tiny-scout", 2, 3),
+    ("tiny-scout", 2, 8),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny-maverick", "tiny-scout"])
-@pytest.mark.parametrize(("m", "n"), [(1, 1), (1, 4), (2, 3), (2, 8)])
+@pytest.mark.parametrize(("preset", "m", "n"), LAYOUTS)
 def test_greedy_tokens_equal_single_process(ray_session, references, preset, m, n, request):
     ckpt = request.getfixturevalue(preset.replace("-", "_"))
     with ClusterEngine(ckpt, ClusterConfig(m, n), ENGINE) as engine:
