@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.gpu_args import add_gpu_arguments
 from bench.serve import add_bench_serve_parser
-from serving.cli import count_type
+from serving.cli import add_parallel_min_tokens, count_type
 
 
 def _decode(args: argparse.Namespace) -> int:
@@ -97,6 +97,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     d.add_argument("--attention-workers", type=int, default=1, help="cluster column: attention workers")
     d.add_argument("--expert-workers", type=int, default=4, help="cluster column: expert workers (0: skip)")
+    add_parallel_min_tokens(d)
     d.add_argument("--no-peers", action="store_true", help="skip the llama.cpp and vLLM CPU columns")
     d.add_argument("--peer-threads", type=int, help="the peers' threads (default: torch's, as this engine)")
     d.add_argument("--rounds", type=int, default=2, help="with peers: rounds of all engines; the best counts")

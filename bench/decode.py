@@ -60,9 +60,17 @@ def _decode_rates(
     return rows
 
 
-def _engine_runner(model: Path, prompts: list[list[int]]) -> Callable[[int], None]:
+def _engine_config(prompts: list[list[int]], parallel_min_tokens: int | None) -> EngineConfig:
+    """Every prompt prefills in one step; the layers' threads as the flag says (None: default)."""
     budget = max(512, sum(len(p) for p in prompts))
-    engine = LLMEngine.from_checkpoint(model, EngineConfig(token_budget=budget, max_num_seqs=len(prompts)))
+    threads = {} if parallel_min_tokens is None else {"parallel_min_tokens": parallel_min_tokens}
+    return EngineConfig(token_budget=budget, max_num_seqs=max(64, len(prompts)), **threads)
+
+
+def _engine_runner(
+    model: Path, prompts: list[list[int]], parallel_min_tokens: int | None
+) -> Callable[[int], None]:
+    engine = LLMEngine.from_checkpoint(model, _engine_config(prompts, parallel_min_tokens))
 
     def run(n: int) -> None:
         engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
@@ -95,10 +103,12 @@ def cmd_decode(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else default_checkpoint(BENCH_PRESET)
     prompts = _prompts(args.batch, args.prompt_len)
     with contextlib.ExitStack() as stack:  # every runner stays up until all are measured
-        runners = {ENGINE_ROW: _engine_runner(model, prompts)}
+        runners = {ENGINE_ROW: _engine_runner(model, prompts, args.parallel_min_tokens)}
         if args.expert_workers:
             name = f"llama4-ep cluster ({args.attention_workers} attn + {args.expert_workers} expert)"
-            run = cluster_runner(model, prompts, args.attention_workers, args.expert_workers)
+            run = cluster_runner(
+                model, prompts, args.attention_workers, args.expert_workers, args.parallel_min_tokens
+            )
             runners[name] = stack.enter_context(run)
         if not args.no_transformers:
             runners[HF_ROW] = _transformers_runner(model, prompts)
@@ -106,6 +116,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     print(
         f"decode, batch {args.batch}, {args.new_tokens} new tokens, prompt {args.prompt_len}, "
         f"fastest of {args.reps}, best of {args.rounds if peers else 1} rounds, model {model}"
+        + ("" if args.parallel_min_tokens is None else f", parallel_min_tokens {args.parallel_min_tokens}")
     )
     print(f"{'engine':<48} {'decode tok/s':>14} {'prefill tok/s':>14} {'total s':>9}")
     for name, r in rows.items():
@@ -168,6 +179,8 @@ def _decode_figures(
         "engine_decode_tok_s": round(engine["decode_tok_s"], 2),
         "engine_prefill_tok_s": round(args.batch * args.prompt_len / engine["prefill_s"], 2),
     }
+    if args.parallel_min_tokens is not None:
+        figures["parallel_min_tokens"] = args.parallel_min_tokens
     for peer in peers:
         key = peer.name.replace(".", "_").replace("-", "_")  # llama_cpp, vllm_cpu
         if peer.decode_tok_s:
@@ -191,11 +204,14 @@ def _decode_figures(
 
 @contextmanager
 def cluster_runner(
-    model: Path, prompts: list[list[int]], num_attention: int, num_experts: int
+    model: Path,
+    prompts: list[list[int]],
+    num_attention: int,
+    num_experts: int,
+    parallel_min_tokens: int | None = None,
 ) -> Iterator[Callable[[int], None]]:
     """`run(n)` generates n tokens for every prompt on a ClusterEngine started once (Ray local)."""
-    budget = max(512, sum(len(p) for p in prompts))  # every prompt prefills in one step
-    cfg = EngineConfig(token_budget=budget, max_num_seqs=max(64, len(prompts)))
+    cfg = _engine_config(prompts, parallel_min_tokens)
     with ClusterEngine(model, ClusterConfig(num_attention, num_experts), cfg) as engine:
 
         def run(n: int) -> None:

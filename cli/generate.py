@@ -93,7 +93,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         ignore_eos=args.ignore_eos,
     )
-    engine_cfg = EngineConfig(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory)
+    engine_cfg = EngineConfig(
+        dtype=args.dtype,
+        device=args.device,
+        kv_cache_memory=args.kv_cache_memory,
+        **({} if args.parallel_min_tokens is None else {"parallel_min_tokens": args.parallel_min_tokens}),
+    )
     if args.attention_workers or args.expert_workers or args.address or args.vision_workers:
         cluster = ClusterConfig(
             args.attention_workers or 1,

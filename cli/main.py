@@ -13,7 +13,7 @@ from bench.cli import add_bench_parser
 from bench.experiment.cli import add_experiment_parser
 from engine.kv_sizing import parse_kv_cache_memory
 from model.presets import PRESETS
-from serving.cli import add_client_parser, add_serve_parser
+from serving.cli import add_client_parser, add_parallel_min_tokens, add_serve_parser
 from serving.status import add_status_parser
 
 
@@ -113,6 +113,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="KV cache per attention rank: a fraction of the memory free after the weights (0.9) or a "
         "size (40GiB); default: a fixed 4096 blocks",
     )
+    add_parallel_min_tokens(p)
     p.add_argument(
         "--attention-workers",
         type=_positive_int("--attention-workers"),

@@ -76,7 +76,7 @@ class AttentionWorker(ProcessGroupMember):
             vision = VisionEncoder.from_checkpoint(reader, dtype, self.device) if has_vision else None
         self.moe_layers = cfg.moe_layers
         self.dispatcher = AttentionDispatcher(layout, placement, cfg.moe_layers, dp_rank, self.device)
-        decoder = Llama4Decoder(cfg, weights, self.dispatcher)
+        decoder = Llama4Decoder(cfg, weights, self.dispatcher, engine_cfg.parallel_min_tokens)
         self.core = EngineCore(cfg, decoder, engine_cfg, Tokenizer(model_dir), vision=vision)
         self._admitted_step = -1
 

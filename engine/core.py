@@ -15,6 +15,7 @@ import torch
 
 from attention.decoder import Llama4Decoder
 from attention.paged import ImageRows, KVPool, SeqChunk, build_batch, kv_bytes_per_block
+from attention.threads import PARALLEL_MIN_TOKENS
 from attention.vision import VisionEncoder
 from engine.detokenizer import IncrementalDetokenizer
 from engine.guided import GuidedDecoding
@@ -44,9 +45,13 @@ class EngineConfig:
     # per rank: a fraction in (0, 1] of the memory free after the weights, or bytes; sizes the
     # pool instead of num_kv_blocks (engine.kv_sizing)
     kv_cache_memory: float | None = None
+    # on a CPU, steps of at least this many tokens run the layer stack on every intra-op thread,
+    # smaller ones on one (attention.threads): 1 suits cores the engine has to itself, the default
+    # cores it shares with other busy processes
+    parallel_min_tokens: int = PARALLEL_MIN_TOKENS
 
     def __post_init__(self) -> None:
-        for name in ("num_kv_blocks", "block_size", "max_num_seqs", "token_budget"):
+        for name in ("num_kv_blocks", "block_size", "max_num_seqs", "token_budget", "parallel_min_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_dtype_name(self.dtype)

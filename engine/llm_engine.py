@@ -37,7 +37,7 @@ def build_local_core(
         experts = experts or LocalExperts.from_checkpoint(reader, dtype, device)
         vision = VisionEncoder.from_checkpoint(reader, dtype, device) if reader.has_vision else None
         cfg = reader.config
-    decoder = Llama4Decoder(cfg, weights, experts)
+    decoder = Llama4Decoder(cfg, weights, experts, engine_cfg.parallel_min_tokens)
     return EngineCore(cfg, decoder, engine_cfg, Tokenizer(model_dir), vision=vision)
 
 

@@ -21,6 +21,7 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import Response
 
+from attention.threads import PARALLEL_MIN_TOKENS
 from cluster.config import ClusterConfig
 from cluster.placement_groups import bundles
 from engine.core import EngineConfig
@@ -51,6 +52,12 @@ class EngineArgs(BaseModel):
         None,
         description="KV cache per attention worker: a fraction in (0, 1] of the device memory free "
         "after the weights, or a size (40GiB); sizes the pool instead of num_kv_blocks",
+    )
+    parallel_min_tokens: int = Field(
+        PARALLEL_MIN_TOKENS,
+        ge=1,
+        description="on CPUs, steps of at least this many tokens run the layers on every thread, "
+        "smaller ones on one; 1 where the engine has its cores to itself",
     )
 
     @field_validator("kv_cache_memory")

@@ -39,6 +39,18 @@ def count_type(name: str, minimum: int):
     return parse
 
 
+def add_parallel_min_tokens(p: argparse.ArgumentParser) -> None:
+    """The engine's `parallel_min_tokens` flag (None: the engine's default, 128)."""
+    p.add_argument(
+        "--parallel-min-tokens",
+        type=count_type("--parallel-min-tokens", 1),
+        default=None,
+        help="on a CPU, steps of at least N tokens run the layers on every thread, smaller ones on "
+        "one (default 128, for cores shared with other busy processes; 1 where the engine has its "
+        "cores to itself)",
+    )
+
+
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the model over OpenAI-style HTTP and gRPC (Ray Serve)")
     p.add_argument("--model", help="checkpoint directory (default: the tiny-maverick checkpoint, made once)")
@@ -84,6 +96,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="KV cache per attention worker: a fraction of the memory free after the weights (0.9) "
         "or a size (40GiB); default: a fixed 4096 blocks",
     )
+    add_parallel_min_tokens(p)
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--http-port", type=count_type("--http-port", 1), default=DEFAULT_HTTP_PORT)
     p.add_argument(
@@ -233,7 +246,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         },
         cpus_per_worker=args.cpus_per_worker,
         device=args.device,
-        engine={"kv_cache_memory": args.kv_cache_memory},
+        engine=_engine_args(args),
         max_pending=args.max_pending,
         stream_interval=args.stream_interval,
         threads=args.threads,
@@ -261,6 +274,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         _shutdown(serve, ray)
+
+
+def _engine_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine section of the Serve config: what the flags set (the rest keeps its default)."""
+    engine: dict[str, Any] = {"kv_cache_memory": args.kv_cache_memory}
+    if args.parallel_min_tokens is not None:
+        engine["parallel_min_tokens"] = args.parallel_min_tokens
+    return engine
 
 
 def _stop_on_signals() -> None:

@@ -34,7 +34,10 @@ def test_bench_decode_cluster_engine_and_transformers(capsys, ray_session, tiny_
         "--reps",
         "1",
         "--no-peers",
+        "--parallel-min-tokens",
+        "1",
     )
+    assert figures["parallel_min_tokens"] == 1
     for key in ("engine_decode_tok_s", "cluster_decode_tok_s", "transformers_decode_tok_s"):
         assert figures[key] > 0
     # the ratios are what the rates say (the rates are rounded to 2 decimals first)

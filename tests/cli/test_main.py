@@ -87,6 +87,10 @@ def test_bad_values_are_named(tiny_maverick):
         (["--prompt", "a", "--max-tokens", "0"], "--max-tokens"),
         (["--prompt", "a", "--top-p", "0"], "top_p"),
         (["--prompt", "a", "--dtype", "int3"], "int3"),
+        (
+            ["--prompt", "a", "--parallel-min-tokens", "0"],
+            "argument --parallel-min-tokens: must be >= 1, got 0",
+        ),
         ([], "at least one of --prompt"),
     ]
     for args, message in cases:

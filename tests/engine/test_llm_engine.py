@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine.core import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
@@ -28,6 +29,23 @@ def test_greedy_32_tokens_equal_transformers_generate(tiny_checkpoint, engines):
         assert gap > 2e-4, "the reference has a near-tie (rounding decides it); pick another prompt"
         assert result.token_ids == expected
         assert result.finish_reason is FinishReason.LENGTH
+
+
+def test_layers_on_every_thread_keep_the_greedy_tokens(tiny_maverick):
+    """parallel_min_tokens 1: every step's layers on all of torch's threads (here 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = EngineConfig(num_kv_blocks=1024, block_size=4, token_budget=40, parallel_min_tokens=1)
+        engine = LLMEngine.from_checkpoint(tiny_maverick, cfg)
+        assert engine.core.decoder.parallel_min_tokens == 1
+        prompts = random_prompts([37, 5], seed=11)
+        for prompt, result in zip(prompts, engine.generate(prompts, GREEDY_32), strict=True):
+            assert result.token_ids == hf_greedy(tiny_maverick, prompt, 32)[0]
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="parallel_min_tokens must be >= 1, got 0"):
+        EngineConfig(parallel_min_tokens=0)
 
 
 def test_requests_arriving_while_others_decode(tiny_maverick, engines):

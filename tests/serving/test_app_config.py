@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
 
+from attention.threads import PARALLEL_MIN_TOKENS
 from router.rebalancing import RebalanceConfig
 from serving.app import (
     REPLICA_CPUS,
@@ -53,6 +54,7 @@ def test_defaults_are_one_attention_and_two_expert_workers():
         {"engine": {"kv_cache_memory": 0}},
         {"engine": {"kv_cache_memory": "lots"}},
         {"engine": {"dtype": "auto", "kv_cache_memory": 7}},
+        {"engine": {"parallel_min_tokens": 0}},
     ],
 )
 def test_bad_arguments_are_refused(args):
@@ -202,3 +204,9 @@ def test_the_ingress_colocates_with_the_single_process_engine_only():
     assert cfg.layout() == "single-process engine, ingress in its replica"
     with pytest.raises(ValidationError, match="colocate_ingress needs the single-process engine"):
         ServeAppConfig(colocate_ingress=True)
+
+
+def test_the_layers_thread_threshold_reaches_the_engine_config():
+    assert ServeAppConfig().engine.to_config().parallel_min_tokens == PARALLEL_MIN_TOKENS
+    cfg = ServeAppConfig.model_validate({"engine": {"parallel_min_tokens": 1}})
+    assert cfg.engine.to_config().parallel_min_tokens == 1
