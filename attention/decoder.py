@@ -210,14 +210,17 @@ class Llama4Decoder:
         cfg = self.cfg
         t, d = x.shape[0], cfg.head_dim
         nq, nkv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-        q, k, v = (x @ lw.qkv).split([nq, nkv, nkv], dim=-1)
+        qk, v = (x @ lw.qkv).split([nq + nkv, nkv], dim=-1)
         nh, nkvh = cfg.num_attention_heads, cfg.num_key_value_heads
-        q, k, v = q.view(t, nh, d), k.view(t, nkvh, d), v.view(t, nkvh, d)
+        qk, v = qk.view(t, nh + nkvh, d), v.view(t, nkvh, d)
         if cfg.rope_layers[layer_idx]:
-            q, k = apply_rope(q, rotation), apply_rope(k, rotation)
+            # the query and key heads together: rope and the weightless qk norm act on each head
+            # alone, so one call over both gives what two would, with half the small ops
+            qk = apply_rope(qk, rotation)
             if cfg.use_qk_norm:
-                q, k = rms_norm(q, None, cfg.rms_norm_eps), rms_norm(k, None, cfg.rms_norm_eps)
-        elif q_scale is not None:
+                qk = rms_norm(qk, None, cfg.rms_norm_eps)
+        q, k = qk.split([nh, nkvh], dim=1)
+        if not cfg.rope_layers[layer_idx] and q_scale is not None:
             q = (q * q_scale[:, None, None]).to(q.dtype)
         meta = batch.layers[layer_idx]
         kv.write(meta.slot_mapping, k, v)
@@ -228,7 +231,8 @@ class Llama4Decoder:
             masks[mask_key] = attention_mask(batch.q_pos, meta.key_pos, meta.key_valid, chunk)
         decode = batch.q_pos.shape == (t, 1)  # one query per sequence: the flat order is already [B]
         q_padded = q[:, None] if decode else q[batch.q_index.clamp(min=0)]  # [B, Qmax, Nq, D]
-        out = attend(q_padded, keys, values, masks[mask_key])
+        # a decode query always sees its own key, just written: no row of its mask is empty
+        out = attend(q_padded, keys, values, masks[mask_key], empty_rows=not decode)
         out = out[:, 0] if decode else out.flatten(0, 1)[batch.q_flat_index]  # [T, Nq, D], token order
         return out.reshape(t, nq) @ lw.o
 

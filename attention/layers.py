@@ -78,14 +78,18 @@ def attention_mask(
     return allowed
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, empty_rows: bool = True
+) -> torch.Tensor:
     """Scaled dot-product attention with GQA. q [B, Q, Nq, D], k/v [B, K, Nkv, D], mask [B, Q, K].
 
-    Query rows with no allowed key (padding) come back as zeros.
+    Query rows with no allowed key (padding) come back as zeros. `empty_rows=False` says the
+    caller knows every row allows a key (a decode step), and skips the four ops that handle them.
     """
-    empty = ~mask.any(-1, keepdim=True)
-    safe_mask = mask | empty  # keep softmax finite on padded rows
+    empty = ~mask.any(-1, keepdim=True) if empty_rows else None
+    safe_mask = mask if empty is None else mask | empty  # keep softmax finite on padded rows
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=safe_mask[:, None], enable_gqa=True
     )
-    return out.transpose(1, 2).masked_fill(empty[..., None], 0.0)
+    out = out.transpose(1, 2)
+    return out if empty is None else out.masked_fill(empty[..., None], 0.0)
