@@ -38,7 +38,9 @@ def test_peers_not_set_up_are_skipped_with_a_message(tmp_path):
 
 
 def test_decode_figures_carry_the_peer_ratios():
-    args = argparse.Namespace(batch=2, new_tokens=9, prompt_len=4, attention_workers=1, expert_workers=0)
+    args = argparse.Namespace(
+        batch=2, new_tokens=9, prompt_len=4, attention_workers=1, expert_workers=0, parallel_min_tokens=None
+    )
     rows = {ENGINE_ROW: {"decode_tok_s": 50.0, "total_s": 1.0, "prefill_s": 0.1}}
     peers = [PeerRate("llama.cpp", 100.0, 40.0), PeerRate("vllm-cpu", skipped="not set up")]
     figures = _decode_figures(args, rows, peers)
