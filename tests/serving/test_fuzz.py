@@ -16,7 +16,7 @@ from engine.core import RequestOutput
 from engine.logits import TokenLogprob
 from engine.request import FinishReason
 
-MAX_EXAMPLES = 15  # per operation; with the coverage phase the run takes about 40 s here
+MAX_EXAMPLES = 15  # fuzzed examples per operation, after the coverage phase
 TIMEOUT_S = 420  # a busy machine: a request that waits past --request-timeout counts as an error
 
 
