@@ -20,6 +20,7 @@ from engine.core import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.request import SamplingParams
 from model.synthetic import default_checkpoint
+from serving.cli import parallel_min_tokens_setting
 
 BENCH_PRESET = "bench-maverick"  # 128 experts, hidden 256, 8 layers
 ENGINE_ROW = "llama4-ep (single process)"
@@ -63,7 +64,7 @@ def _decode_rates(
 def _engine_config(prompts: list[list[int]], parallel_min_tokens: int | None) -> EngineConfig:
     """Every prompt prefills in one step; the layers' threads as the flag says (None: default)."""
     budget = max(512, sum(len(p) for p in prompts))
-    threads = {} if parallel_min_tokens is None else {"parallel_min_tokens": parallel_min_tokens}
+    threads = parallel_min_tokens_setting(parallel_min_tokens)
     return EngineConfig(token_budget=budget, max_num_seqs=max(64, len(prompts)), **threads)
 
 

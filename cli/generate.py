@@ -14,6 +14,7 @@ from engine.request import SamplingParams
 from model.image_processing import ImageError, ImageProcessor, ProcessedImage
 from model.synthetic import default_checkpoint, make_checkpoint
 from model.tokenizer import Tokenizer
+from serving.cli import parallel_min_tokens_setting
 
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
@@ -97,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         kv_cache_memory=args.kv_cache_memory,
-        **({} if args.parallel_min_tokens is None else {"parallel_min_tokens": args.parallel_min_tokens}),
+        **parallel_min_tokens_setting(args.parallel_min_tokens),
     )
     if args.attention_workers or args.expert_workers or args.address or args.vision_workers:
         cluster = ClusterConfig(

@@ -96,6 +96,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="with the cluster: vision-encoder actors (0: the attention workers encode)",
     )
+    _add_sampling_arguments(p)
+    _add_generate_engine_arguments(p)
+    p.set_defaults(func=_generate)
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """How many tokens, how they are picked, how they are printed."""
     p.add_argument("--max-tokens", type=_positive_int("--max-tokens"), default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -103,6 +110,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at stop tokens")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt (token_ids, text, ...)")
+
+
+def _add_generate_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The engine that generates: its dtype, KV cache and threads; the cluster's workers; the device."""
     p.add_argument(
         "--dtype", default="auto", help="compute dtype: auto (bfloat16 on cuda, float32 on cpu), float32, ..."
     )
@@ -132,7 +143,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device", default="cpu", help="cpu or cuda: the engine's device (cluster workers': gloo or NCCL)"
     )
-    p.set_defaults(func=_generate)
 
 
 def _add_make_checkpoint(sub: argparse._SubParsersAction) -> None:

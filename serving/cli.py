@@ -51,10 +51,27 @@ def add_parallel_min_tokens(p: argparse.ArgumentParser) -> None:
     )
 
 
+def parallel_min_tokens_setting(value: int | None) -> dict[str, int]:
+    """The engine setting the flag gives, for EngineConfig or the Serve config's engine section:
+    nothing when it was not given, so the engine's default holds (serving.cli imports no torch)."""
+    return {} if value is None else {"parallel_min_tokens": value}
+
+
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the model over OpenAI-style HTTP and gRPC (Ray Serve)")
     p.add_argument("--model", help="checkpoint directory (default: the tiny-maverick checkpoint, made once)")
     p.add_argument("--served-model-name", default=None, help="the `model` clients send (default: dir name)")
+    _add_layout_arguments(p)
+    _add_image_arguments(p)
+    _add_engine_arguments(p)
+    _add_api_arguments(p)
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local Ray instance")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _add_layout_arguments(p: argparse.ArgumentParser) -> None:
+    """Each engine replica's workers: the tiers, their bounds, expert replicas, the device."""
     p.add_argument("--attention-workers", type=count_type("--attention-workers", 1), default=1)
     p.add_argument(
         "--expert-workers",
@@ -89,7 +106,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="CPUs each worker reserves (default: share the cluster's); leave room to add workers",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="workers' device")
-    _add_image_arguments(p)
+
+
+def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Each engine replica's settings: its KV cache, threads, admission and streaming."""
     p.add_argument(
         "--kv-cache-memory",
         default=None,
@@ -97,30 +117,6 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "or a size (40GiB); default: a fixed 4096 blocks",
     )
     add_parallel_min_tokens(p)
-    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
-    p.add_argument("--http-port", type=count_type("--http-port", 1), default=DEFAULT_HTTP_PORT)
-    p.add_argument(
-        "--grpc-port",
-        type=count_type("--grpc-port", 1),
-        default=DEFAULT_GRPC_PORT,
-        help="gRPC port (Serve's gRPC proxy listens on all interfaces whatever --host says)",
-    )
-    p.add_argument(
-        "--api-key",
-        default=None,
-        help="clients must send it (HTTP `Authorization: Bearer`, gRPC `authorization` metadata); "
-        "default: $LLAMA4_EP_API_KEY, else no key",
-    )
-    p.add_argument(
-        "--strict-requests",
-        action="store_true",
-        help="refuse unknown request fields with 400 (default: ignore them with a warning)",
-    )
-    p.add_argument(
-        "--allowed-origins",
-        default="",
-        help="CORS: comma-separated origins allowed to call from a browser, or '*' (default: none)",
-    )
     p.add_argument(
         "--max-pending",
         type=count_type("--max-pending", 1),
@@ -145,9 +141,34 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="tokens a stream holds before it sends them (the first token and the end go at once); "
         "more: fewer, larger messages, less CPU per token (default 1: every token)",
     )
-    p.add_argument("--address", default=None, help="join this Ray cluster (default: start a local one)")
-    p.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local Ray instance")
-    p.set_defaults(func=_cmd_serve)
+
+
+def _add_api_arguments(p: argparse.ArgumentParser) -> None:
+    """Where and to whom the server answers."""
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--http-port", type=count_type("--http-port", 1), default=DEFAULT_HTTP_PORT)
+    p.add_argument(
+        "--grpc-port",
+        type=count_type("--grpc-port", 1),
+        default=DEFAULT_GRPC_PORT,
+        help="gRPC port (Serve's gRPC proxy listens on all interfaces whatever --host says)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="clients must send it (HTTP `Authorization: Bearer`, gRPC `authorization` metadata); "
+        "default: $LLAMA4_EP_API_KEY, else no key",
+    )
+    p.add_argument(
+        "--strict-requests",
+        action="store_true",
+        help="refuse unknown request fields with 400 (default: ignore them with a warning)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        default="",
+        help="CORS: comma-separated origins allowed to call from a browser, or '*' (default: none)",
+    )
 
 
 def _add_image_arguments(p: argparse.ArgumentParser) -> None:
@@ -278,10 +299,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _engine_args(args: argparse.Namespace) -> dict[str, Any]:
     """The engine section of the Serve config: what the flags set (the rest keeps its default)."""
-    engine: dict[str, Any] = {"kv_cache_memory": args.kv_cache_memory}
-    if args.parallel_min_tokens is not None:
-        engine["parallel_min_tokens"] = args.parallel_min_tokens
-    return engine
+    return {"kv_cache_memory": args.kv_cache_memory, **parallel_min_tokens_setting(args.parallel_min_tokens)}
 
 
 def _stop_on_signals() -> None:
