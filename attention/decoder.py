@@ -14,6 +14,7 @@ The values are the checkpoint's; only the layout differs.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,7 +31,7 @@ from attention.layers import (
     temperature_scale,
 )
 from attention.paged import AttentionBatch, KVPool
-from attention.threads import PARALLEL_MIN_TOKENS, intra_op_threads, layer_threads
+from attention.threads import PARALLEL_MIN_TOKENS, ThreadPolicy, intra_op_threads, thread_policy
 from model.config import ModelConfig
 from router.gating import top1_gate
 
@@ -143,21 +144,23 @@ class Llama4Decoder:
     """Runs a batch of sequence chunks through every layer, reading and writing a paged KV pool.
 
     Everything it computes lives on its weights' device (`device`); the batch and the pool must
-    be there too. On a CPU, a step of fewer than `parallel_min_tokens` tokens runs its layers on
-    one intra-op thread, the lm_head on all (`attention.threads`)."""
+    be there too. On a CPU, its layers run on one intra-op thread or on all, as
+    `parallel_min_tokens` says: "auto" measures which is faster, N puts steps of fewer than N
+    tokens on one (`attention.threads`). The lm_head always runs on all."""
 
     def __init__(
         self,
         cfg: ModelConfig,
         weights: NonExpertWeights,
         experts: MoEBackend,
-        parallel_min_tokens: int = PARALLEL_MIN_TOKENS,
+        parallel_min_tokens: int | str = PARALLEL_MIN_TOKENS,
     ) -> None:
         self.cfg = cfg
         self.weights = weights
         self.experts = experts
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
         self.parallel_min_tokens = parallel_min_tokens
+        self._threads: ThreadPolicy | None = None  # made at the first step, with torch's thread count
 
     @property
     def device(self) -> torch.device:
@@ -172,9 +175,19 @@ class Llama4Decoder:
         replace their tokens' embeddings before layer 0 (early fusion)."""
         if self.device.type != "cpu":
             return self._layers(batch, kv)
-        threads = layer_threads(batch.token_ids.shape[0], self.parallel_min_tokens, torch.get_num_threads())
+        num_tokens, policy = batch.token_ids.shape[0], self.thread_policy
+        threads = policy.threads(num_tokens)
+        start = time.perf_counter()
         with intra_op_threads(threads):
-            return self._layers(batch, kv)
+            hidden = self._layers(batch, kv)
+        policy.record(num_tokens, threads, time.perf_counter() - start)
+        return hidden
+
+    @property
+    def thread_policy(self) -> ThreadPolicy:
+        if self._threads is None:
+            self._threads = thread_policy(self.parallel_min_tokens, torch.get_num_threads())
+        return self._threads
 
     def _layers(self, batch: AttentionBatch, kv: KVPool) -> torch.Tensor:
         cfg, w = self.cfg, self.weights

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from attention.threads import MeasuredThreads
 from bench.peers import PeerRate, PeerSetup, peer_rates
 from cluster.config import ClusterConfig
 from cluster.engine import ClusterEngine
@@ -68,11 +69,7 @@ def _engine_config(prompts: list[list[int]], parallel_min_tokens: int | None) ->
     return EngineConfig(token_budget=budget, max_num_seqs=max(64, len(prompts)), **threads)
 
 
-def _engine_runner(
-    model: Path, prompts: list[list[int]], parallel_min_tokens: int | None
-) -> Callable[[int], None]:
-    engine = LLMEngine.from_checkpoint(model, _engine_config(prompts, parallel_min_tokens))
-
+def _engine_runner(engine: LLMEngine, prompts: list[list[int]]) -> Callable[[int], None]:
     def run(n: int) -> None:
         engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
 
@@ -104,7 +101,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else default_checkpoint(BENCH_PRESET)
     prompts = _prompts(args.batch, args.prompt_len)
     with contextlib.ExitStack() as stack:  # every runner stays up until all are measured
-        runners = {ENGINE_ROW: _engine_runner(model, prompts, args.parallel_min_tokens)}
+        engine = LLMEngine.from_checkpoint(model, _engine_config(prompts, args.parallel_min_tokens))
+        runners = {ENGINE_ROW: _engine_runner(engine, prompts)}
         if args.expert_workers:
             name = f"llama4-ep cluster ({args.attention_workers} attn + {args.expert_workers} expert)"
             run = cluster_runner(
@@ -119,6 +117,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
         f"fastest of {args.reps}, best of {args.rounds if peers else 1} rounds, model {model}"
         + ("" if args.parallel_min_tokens is None else f", parallel_min_tokens {args.parallel_min_tokens}")
     )
+    layer_threads = _layer_threads(engine)
+    if layer_threads:
+        sizes = ", ".join(f"<= {size} tokens: {n}" for size, n in layer_threads.items())
+        print(f"layer threads the engine measured and chose, by step size: {sizes}")
     print(f"{'engine':<48} {'decode tok/s':>14} {'prefill tok/s':>14} {'total s':>9}")
     for name, r in rows.items():
         prefill = args.batch * args.prompt_len / r["prefill_s"]
@@ -129,8 +131,14 @@ def cmd_decode(args: argparse.Namespace) -> int:
         else:
             prefill = "-" if peer.prefill_tok_s is None else f"{peer.prefill_tok_s:.1f}"
             print(f"{peer.name:<48} {peer.decode_tok_s:>14.1f} {prefill:>14} {'-':>9}")
-    print(json.dumps(_decode_figures(args, rows, peers)))
+    print(json.dumps(_decode_figures(args, rows, peers, layer_threads)))
     return 0
+
+
+def _layer_threads(engine: LLMEngine) -> dict[int, int]:
+    """What parallel_min_tokens auto chose per step size (empty under a fixed threshold)."""
+    policy = engine.core.decoder.thread_policy
+    return policy.chosen() if isinstance(policy, MeasuredThreads) else {}
 
 
 def _rounds(
@@ -168,7 +176,10 @@ def _peer_setup(args: argparse.Namespace) -> PeerSetup:
 
 
 def _decode_figures(
-    args: argparse.Namespace, rows: dict[str, dict[str, float]], peers: list[PeerRate] = ()
+    args: argparse.Namespace,
+    rows: dict[str, dict[str, float]],
+    peers: list[PeerRate] = (),
+    layer_threads: dict[int, int] | None = None,
 ) -> dict:
     """The JSON line: this engine's rates, the cluster's and transformers' when run, and per peer
     set up its rates and `vs_<peer>` (this engine's decode tok/s over the peer's)."""
@@ -182,6 +193,8 @@ def _decode_figures(
     }
     if args.parallel_min_tokens is not None:
         figures["parallel_min_tokens"] = args.parallel_min_tokens
+    if layer_threads:
+        figures["layer_threads"] = {str(size): n for size, n in layer_threads.items()}
     for peer in peers:
         key = peer.name.replace(".", "_").replace("-", "_")  # llama_cpp, vllm_cpu
         if peer.decode_tok_s:

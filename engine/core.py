@@ -15,7 +15,7 @@ import torch
 
 from attention.decoder import Llama4Decoder
 from attention.paged import ImageRows, KVPool, SeqChunk, build_batch, kv_bytes_per_block
-from attention.threads import PARALLEL_MIN_TOKENS
+from attention.threads import PARALLEL_MIN_TOKENS, check_parallel_min_tokens
 from attention.vision import VisionEncoder
 from engine.detokenizer import IncrementalDetokenizer
 from engine.guided import GuidedDecoding
@@ -45,15 +45,16 @@ class EngineConfig:
     # per rank: a fraction in (0, 1] of the memory free after the weights, or bytes; sizes the
     # pool instead of num_kv_blocks (engine.kv_sizing)
     kv_cache_memory: float | None = None
-    # on a CPU, steps of at least this many tokens run the layer stack on every intra-op thread,
-    # smaller ones on one (attention.threads): 1 suits cores the engine has to itself, the default
-    # cores it shares with other busy processes
-    parallel_min_tokens: int = PARALLEL_MIN_TOKENS
+    # on a CPU, whether a step's layer stack runs on one intra-op thread or on all
+    # (attention.threads): "auto" measures which is faster per size of step; N puts steps of at
+    # least N tokens on all, smaller ones on one (1: all steps on all threads)
+    parallel_min_tokens: int | str = PARALLEL_MIN_TOKENS
 
     def __post_init__(self) -> None:
-        for name in ("num_kv_blocks", "block_size", "max_num_seqs", "token_budget", "parallel_min_tokens"):
+        for name in ("num_kv_blocks", "block_size", "max_num_seqs", "token_budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_parallel_min_tokens(self.parallel_min_tokens)
         check_dtype_name(self.dtype)
         check_device_name(self.device)
         if self.kv_cache_memory is not None:

@@ -21,7 +21,7 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import Response
 
-from attention.threads import PARALLEL_MIN_TOKENS
+from attention.threads import PARALLEL_MIN_TOKENS, check_parallel_min_tokens
 from cluster.config import ClusterConfig
 from cluster.placement_groups import bundles
 from engine.core import EngineConfig
@@ -53,12 +53,17 @@ class EngineArgs(BaseModel):
         description="KV cache per attention worker: a fraction in (0, 1] of the device memory free "
         "after the weights, or a size (40GiB); sizes the pool instead of num_kv_blocks",
     )
-    parallel_min_tokens: int = Field(
+    parallel_min_tokens: int | Literal["auto"] = Field(
         PARALLEL_MIN_TOKENS,
-        ge=1,
-        description="on CPUs, steps of at least this many tokens run the layers on every thread, "
-        "smaller ones on one; 1 where the engine has its cores to itself",
+        description="on CPUs, whether a step's layers run on one thread or on every thread: auto "
+        "measures which is faster per size of step; N runs steps of at least N tokens on every "
+        "thread, smaller ones on one",
     )
+
+    @field_validator("parallel_min_tokens")
+    @classmethod
+    def _threads(cls, value: int | str) -> int | str:
+        return check_parallel_min_tokens(value)
 
     @field_validator("kv_cache_memory")
     @classmethod

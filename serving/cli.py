@@ -39,19 +39,30 @@ def count_type(name: str, minimum: int):
     return parse
 
 
+def _parallel_min_tokens(text: str) -> int | str:
+    """`auto`, or a whole number of tokens >= 1."""
+    if text == "auto":
+        return text
+    try:
+        return count_type("--parallel-min-tokens", 1)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or auto)") from None
+
+
 def add_parallel_min_tokens(p: argparse.ArgumentParser) -> None:
-    """The engine's `parallel_min_tokens` flag (None: the engine's default, 128)."""
+    """The engine's `parallel_min_tokens` flag (None: the engine's default, auto)."""
     p.add_argument(
         "--parallel-min-tokens",
-        type=count_type("--parallel-min-tokens", 1),
+        type=_parallel_min_tokens,
         default=None,
-        help="on a CPU, steps of at least N tokens run the layers on every thread, smaller ones on "
-        "one (default 128, for cores shared with other busy processes; 1 where the engine has its "
-        "cores to itself)",
+        metavar="N|auto",
+        help="on a CPU, whether a step's layers run on one thread or on every thread: auto (the "
+        "default) times both per size of step and keeps the faster, measuring again now and then; "
+        "N runs steps of at least N tokens on every thread and smaller ones on one",
     )
 
 
-def parallel_min_tokens_setting(value: int | None) -> dict[str, int]:
+def parallel_min_tokens_setting(value: int | str | None) -> dict[str, int | str]:
     """The engine setting the flag gives, for EngineConfig or the Serve config's engine section:
     nothing when it was not given, so the engine's default holds (serving.cli imports no torch)."""
     return {} if value is None else {"parallel_min_tokens": value}

@@ -47,3 +47,6 @@ def test_decode_figures_carry_the_peer_ratios():
     assert figures["vs_llama_cpp"] == 0.5
     assert figures["prefill_vs_llama_cpp"] == 2.0  # 2 x 4 prompt tokens in 0.1 s: 80 tok/s
     assert "vs_vllm_cpu" not in figures
+    assert "parallel_min_tokens" not in figures and "layer_threads" not in figures
+    measured = _decode_figures(args, rows, peers, layer_threads={2: 1, 32: 2})
+    assert measured["layer_threads"] == {"2": 1, "32": 2}  # what auto chose per step size

@@ -89,7 +89,7 @@ def test_bad_values_are_named(tiny_maverick):
         (["--prompt", "a", "--dtype", "int3"], "int3"),
         (
             ["--prompt", "a", "--parallel-min-tokens", "0"],
-            "argument --parallel-min-tokens: must be >= 1, got 0",
+            "argument --parallel-min-tokens: must be >= 1, got 0 (or auto)",
         ),
         ([], "at least one of --prompt"),
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attention.threads import FixedThreads, MeasuredThreads
 from engine.core import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.llm_engine import LLMEngine
@@ -31,21 +32,31 @@ def test_greedy_32_tokens_equal_transformers_generate(tiny_checkpoint, engines):
         assert result.finish_reason is FinishReason.LENGTH
 
 
-def test_layers_on_every_thread_keep_the_greedy_tokens(tiny_maverick):
-    """parallel_min_tokens 1: every step's layers on all of torch's threads (here 2)."""
+@pytest.mark.parametrize("parallel_min_tokens", [1, "auto"])
+def test_layer_threads_keep_the_greedy_tokens(tiny_maverick, parallel_min_tokens):
+    """1: every step's layers on all of torch's threads (here 2); auto: one or two as measured,
+    step by step while it measures. The tokens are transformers' either way."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        cfg = EngineConfig(num_kv_blocks=1024, block_size=4, token_budget=40, parallel_min_tokens=1)
+        cfg = EngineConfig(
+            num_kv_blocks=1024, block_size=4, token_budget=40, parallel_min_tokens=parallel_min_tokens
+        )
         engine = LLMEngine.from_checkpoint(tiny_maverick, cfg)
-        assert engine.core.decoder.parallel_min_tokens == 1
+        assert engine.core.decoder.parallel_min_tokens == parallel_min_tokens
         prompts = random_prompts([37, 5], seed=11)
         for prompt, result in zip(prompts, engine.generate(prompts, GREEDY_32), strict=True):
             assert result.token_ids == hf_greedy(tiny_maverick, prompt, 32)[0]
+        policy = engine.core.decoder.thread_policy
+        if parallel_min_tokens == "auto":  # 31 decode steps of 2 tokens: measured, then chosen
+            assert isinstance(policy, MeasuredThreads) and policy.chosen()[2] in (1, 2)
+        else:
+            assert isinstance(policy, FixedThreads) and policy.threads(1) == 2
     finally:
         torch.set_num_threads(before)
-    with pytest.raises(ValueError, match="parallel_min_tokens must be >= 1, got 0"):
-        EngineConfig(parallel_min_tokens=0)
+    for bad in (0, "fast"):
+        with pytest.raises(ValueError, match='parallel_min_tokens must be "auto" or a whole number >= 1'):
+            EngineConfig(parallel_min_tokens=bad)
 
 
 def test_requests_arriving_while_others_decode(tiny_maverick, engines):

@@ -55,6 +55,7 @@ def test_defaults_are_one_attention_and_two_expert_workers():
         {"engine": {"kv_cache_memory": "lots"}},
         {"engine": {"dtype": "auto", "kv_cache_memory": 7}},
         {"engine": {"parallel_min_tokens": 0}},
+        {"engine": {"parallel_min_tokens": "fast"}},
     ],
 )
 def test_bad_arguments_are_refused(args):
@@ -206,7 +207,8 @@ def test_the_ingress_colocates_with_the_single_process_engine_only():
         ServeAppConfig(colocate_ingress=True)
 
 
-def test_the_layers_thread_threshold_reaches_the_engine_config():
-    assert ServeAppConfig().engine.to_config().parallel_min_tokens == PARALLEL_MIN_TOKENS
-    cfg = ServeAppConfig.model_validate({"engine": {"parallel_min_tokens": 1}})
-    assert cfg.engine.to_config().parallel_min_tokens == 1
+def test_the_layers_thread_setting_reaches_the_engine_config():
+    assert ServeAppConfig().engine.to_config().parallel_min_tokens == PARALLEL_MIN_TOKENS == "auto"
+    for value in (1, 64, "auto"):
+        cfg = ServeAppConfig.model_validate({"engine": {"parallel_min_tokens": value}})
+        assert cfg.engine.to_config().parallel_min_tokens == value
