@@ -365,7 +365,7 @@ class ClusterEngine:
         }
         if self.rebalancer is not None:
             figures["tokens_per_expert_worker"] = self.rebalancer.tokens_per_worker.tolist()
-            figures["balancing"] = self.rebalancer.latest_metrics
+            figures["balancing"] = self.rebalancer.current_metrics()
         return figures
 
     def generate(

@@ -29,6 +29,7 @@ class Rebalancer:
         self._plan_ref: ray.ObjectRef | None = None
         self._stage_refs: list[ray.ObjectRef] = []
         self._metrics_ref: ray.ObjectRef | None = None
+        self._unasked = False  # the service's figures changed (a report, a commit) since the last ask
         self.stage_seconds: list[float] = []
         self.latest_metrics: dict = {}
         self.tokens_per_worker = torch.zeros(placement.num_workers, dtype=torch.long)
@@ -82,6 +83,7 @@ class Rebalancer:
         self._stage_refs = []
         new = self.machine.staged()
         self.service.commit.remote(new)
+        self._unasked = True
         return new
 
     def wait(self, timeout_s: float = 60.0) -> None:
@@ -109,6 +111,7 @@ class Rebalancer:
         self.machine = Rebalancing(self.machine.cfg, placement)
         self.experts = experts
         self._plan_ref, self._stage_refs, self._metrics_ref = None, [], None
+        self._unasked = True
         self._expert_loads, self._slot_loads = [], []
         self.tokens_per_worker = torch.zeros(placement.num_workers, dtype=torch.long)
         self.service.reset.remote(placement, node_of_worker)
@@ -119,12 +122,24 @@ class Rebalancer:
         return self._expert_total.double() if bool(self._expert_total.any()) else None
 
     def _refresh_metrics(self) -> None:
-        """Keep `latest_metrics` fresh without ever waiting on the service."""
-        if self._metrics_ref is not None:
-            if not ray.wait([self._metrics_ref], timeout=0)[0]:
-                return
-            self.latest_metrics = ray.get(self._metrics_ref)
-        self._metrics_ref = self.service.metrics.remote()
+        """After a report the figures the service last sent are behind: ask again (once the last
+        ask has been answered; `current_metrics` takes the answer)."""
+        self._unasked = True
+        self.current_metrics()
+
+    def current_metrics(self) -> dict:
+        """The newest figures the service has sent, never waiting. It takes an answer that came in
+        since the last step, and asks again if the service's state changed after that question
+        (a report, a commit). So an engine gone idle shows the figures of its last step within a
+        read or two, not those of a report from before its last burst of steps."""
+        ref = self._metrics_ref  # after_step may swap it meanwhile: either answer is a whole dict
+        if ref is not None:
+            if not ray.wait([ref], timeout=0)[0]:
+                return self.latest_metrics
+            self.latest_metrics, self._metrics_ref = ray.get(ref), None
+        if self._unasked:
+            self._metrics_ref, self._unasked = self.service.metrics.remote(), False
+        return self.latest_metrics
 
     def metrics(self) -> dict:
         figures = ray.get(self.service.metrics.remote())

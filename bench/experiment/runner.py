@@ -33,6 +33,7 @@ from serving import APP_NAME
 from serving.app import build_app, resolve_model
 
 ENGINE_DEPLOYMENT = "EngineServer"
+LATE_FIGURES_S = 10.0  # how long the last sample waits for figures that come a report late
 BEGIN_OF_TEXT = 200000
 Log = Callable[[str], None]
 
@@ -270,12 +271,11 @@ class _OpenLoop:
 
     async def sample_until(self, stop: asyncio.Event) -> None:
         """A sample every `sample_interval_s` (and a progress line every 5 s) until `stop`, and one
-        more then: the deployment once every reply is in (figures that reach the engine's gauges
-        a report late, such as the balance, are there by then)."""
+        more then: the deployment once every reply is in (`_last_state`)."""
         next_log = 0.0
         while True:
-            t = self.now()
-            replicas, engines = await self.read_state()
+            t, last = self.now(), stop.is_set()
+            replicas, engines = await (self._last_state() if last else self.read_state())
             running, starting = replicas.get("RUNNING", 0), replicas.get("STARTING", 0)
             held = starting * _workers_per_replica(self.run)
             s = Sample(t, running, starting, self.in_flight, engines, held)
@@ -283,11 +283,23 @@ class _OpenLoop:
             if t >= next_log:
                 next_log = t + 5.0
                 self.log(_progress(self.run.name, s, self.records))
-            if stop.is_set():
+            if last:
                 return
             wait = max(0.0, self.scenario.sample_interval_s - (self.now() - t))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=wait)
+
+    async def _last_state(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        """The deployment once every reply is in. With rebalancing on, the engines' balance comes
+        from the router service a reply after the steps that it counts: read again (at most
+        LATE_FIGURES_S) until an engine shows it, however far behind a busy machine left it."""
+        deadline = time.perf_counter() + LATE_FIGURES_S
+        while True:
+            replicas, engines = await self.read_state()
+            balance = any("balancedness" in (e.get("balancing") or {}) for e in engines)
+            if balance or not self.run.app.rebalance.enabled or time.perf_counter() > deadline:
+                return replicas, engines
+            await asyncio.sleep(0.2)
 
 
 def _workers_per_replica(run: Run) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from cluster.config import ClusterConfig
 from cluster.engine import ClusterEngine
 from engine.core import EngineConfig
@@ -36,6 +38,12 @@ def test_tokens_identical_across_rearrangements(ray_session, skewed_maverick):
         got = run_with_late_arrivals(engine, prompts, late, PARAMS, arrival_steps=(6, 11), on_step=on_step)
         metrics = engine.rebalancer.metrics()
         expert_versions = {s["placement_version"] for s in engine.stats()["experts"]}
+        # idle now: the engine's gauges catch up with the service's figures for its last step
+        service = {k: v for k, v in metrics.items() if k != "stage_seconds"}
+        deadline = time.monotonic() + 60
+        while engine.metrics()["balancing"] != service and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.metrics()["balancing"] == service
     assert got == reference  # nothing lost, nothing repeated, same tokens
     # a plan every 2 steps; each switch lands 2 steps after its report (plan, then stage)
     assert metrics["rearrangements"] >= 2 and len(set(versions_seen)) >= 3
