@@ -42,6 +42,10 @@ class ThreadPolicy(Protocol):
         """How long that step's layers took on `threads` threads."""
         ...
 
+    def chosen(self) -> dict[int, int]:
+        """The thread count measured and chosen per size of step (empty where nothing is measured)."""
+        ...
+
 
 @dataclass
 class FixedThreads:
@@ -55,6 +59,9 @@ class FixedThreads:
 
     def record(self, num_tokens: int, threads: int, seconds: float) -> None:
         pass
+
+    def chosen(self) -> dict[int, int]:
+        return {}
 
 
 @dataclass
@@ -87,7 +94,7 @@ class MeasuredThreads:
         if self.max_threads == 1:
             return 1
         size = self._size(num_tokens)
-        if size.choice is not None and size.since < self.remeasure_every:
+        if self._settled(size):
             return size.choice
         one, every = (len(size.times[n]) + (n in size.warm) for n in (1, self.max_threads))
         return 1 if one <= every else self.max_threads
@@ -96,7 +103,7 @@ class MeasuredThreads:
         if self.max_threads == 1:
             return
         size = self._size(num_tokens)
-        if size.choice is not None and size.since < self.remeasure_every:
+        if self._settled(size):
             size.since += 1
             return
         if threads not in size.warm:
@@ -117,6 +124,10 @@ class MeasuredThreads:
     def chosen(self) -> dict[int, int]:
         """Thread count chosen per size of step (the largest token count of the size)."""
         return {bound: s.choice for bound, s in sorted(self.sizes.items()) if s.choice is not None}
+
+    def _settled(self, size: _Size) -> bool:
+        """Chosen, and not yet due for another measurement."""
+        return size.choice is not None and size.since < self.remeasure_every
 
     def _size(self, num_tokens: int) -> _Size:
         bound = size_bound(num_tokens)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from attention.threads import MeasuredThreads
 from bench.peers import PeerRate, PeerSetup, peer_rates
 from cluster.config import ClusterConfig
 from cluster.engine import ClusterEngine
@@ -117,7 +116,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         f"fastest of {args.reps}, best of {args.rounds if peers else 1} rounds, model {model}"
         + ("" if args.parallel_min_tokens is None else f", parallel_min_tokens {args.parallel_min_tokens}")
     )
-    layer_threads = _layer_threads(engine)
+    layer_threads = engine.core.decoder.thread_policy.chosen()  # auto's choices; {} for a fixed N
     if layer_threads:
         sizes = ", ".join(f"<= {size} tokens: {n}" for size, n in layer_threads.items())
         print(f"layer threads the engine measured and chose, by step size: {sizes}")
@@ -133,12 +132,6 @@ def cmd_decode(args: argparse.Namespace) -> int:
             print(f"{peer.name:<48} {peer.decode_tok_s:>14.1f} {prefill:>14} {'-':>9}")
     print(json.dumps(_decode_figures(args, rows, peers, layer_threads)))
     return 0
-
-
-def _layer_threads(engine: LLMEngine) -> dict[int, int]:
-    """What parallel_min_tokens auto chose per step size (empty under a fixed threshold)."""
-    policy = engine.core.decoder.thread_policy
-    return policy.chosen() if isinstance(policy, MeasuredThreads) else {}
 
 
 def _rounds(
