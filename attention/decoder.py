@@ -9,7 +9,8 @@ Weights are held in the layout the CPU GEMM streams fastest, `x @ w` with w [in,
 (MKL reads a [K, N] weight faster than the transposed [N, K] of nn.Linear: the lm_head product
 [1, 256] x [256, 202048] took 13 ms instead of 24 ms), and the projections that read the same
 input side by side: q, k and v as one [H, (Nq + 2 Nkv) D] weight, gate and up as one [H, 2I].
-The values are the checkpoint's; only the layout differs.
+The lm_head goes further on a CPU: oneDNN's prepacked form, faster still for a few rows
+(`attention.lm_head`). The values are the checkpoint's; only the layout differs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from attention.layers import (
     rope_rotation,
     temperature_scale,
 )
+from attention.lm_head import LmHead
 from attention.paged import AttentionBatch, KVPool
 from attention.threads import PARALLEL_MIN_TOKENS, ThreadPolicy, intra_op_threads, thread_policy
 from model.config import ModelConfig
@@ -58,7 +60,7 @@ class LayerWeights:
 class NonExpertWeights:
     embed: torch.Tensor  # [V, H]
     norm: torch.Tensor  # [H]
-    lm_head: torch.Tensor  # [H, V] (the checkpoint's [V, H], transposed)
+    lm_head: LmHead
     layers: tuple[LayerWeights, ...]
 
 
@@ -101,7 +103,7 @@ def load_non_expert_weights(
     return NonExpertWeights(
         embed=reader.tensor("embed_tokens.weight", (v, h), dtype, device),
         norm=reader.tensor("norm.weight", (h,), dtype, device),
-        lm_head=_stack_columns(reader.tensor("lm_head.weight", (v, h), dtype, device)),
+        lm_head=LmHead(reader.tensor("lm_head.weight", (v, h), dtype, device)),
         layers=layers,
     )
 
@@ -207,7 +209,7 @@ class Llama4Decoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, V] in fp32."""
-        return (hidden @ self.weights.lm_head).float()
+        return self.weights.lm_head(hidden)
 
     def _attention(
         self,
