@@ -8,7 +8,7 @@ call per step (`step`), carrying the requests that join and the ones cancelled.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -52,6 +52,7 @@ class StepResult:
     slot_load: torch.Tensor | None = None  # int64 [L, W*S] tokens per physical slot this step
     num_preemptions: int = 0  # since the rank started
     failed: str = ""  # the step did not complete (its group broke); nothing of it was applied
+    layer_threads: dict[int, int] = field(default_factory=dict)  # auto's choice per size of step
 
 
 class AttentionWorker(ProcessGroupMember):
@@ -127,6 +128,7 @@ class AttentionWorker(ProcessGroupMember):
             expert_load,
             slot_load,
             sched.num_preemptions,
+            layer_threads=self.core.decoder.thread_policy.chosen(),
         )
 
     def _admit(self, step: StepInput) -> list[tuple[str, str]]:

@@ -357,6 +357,7 @@ class ClusterEngine:
             "kv_blocks_used": sum(x.kv_blocks_used for x in r),
             "kv_blocks_total": sum(x.kv_blocks_total for x in r),
             "num_preemptions": sum(x.num_preemptions for x in r),
+            "layer_threads": {x.dp_rank: x.layer_threads for x in r},
             "faults": self.faults.figures(self.board.epoch if self.board else 0),
             "workers": {"attention": len(self.attention), "expert": len(self.experts)},
             "workers_desired": dict(self.resizer.stats.desired)

@@ -221,7 +221,8 @@ class EngineCore:
         return self.scheduler.has_unfinished
 
     def metrics(self) -> dict:
-        """Gauges for /metrics: requests and KV blocks of this rank."""
+        """Gauges for /metrics: requests and KV blocks of this rank, and the layers' thread count
+        per size of step (`parallel_min_tokens` auto: what it measured and chose)."""
         usage = self.kv.usage()
         return {
             "num_running": self.scheduler.num_running,
@@ -230,6 +231,7 @@ class EngineCore:
             "kv_blocks_total": usage.blocks_total,
             "kv_bytes_used": usage.bytes_used,
             "num_preemptions": self.scheduler.num_preemptions,
+            "layer_threads": {0: self.decoder.thread_policy.chosen()},  # attention rank -> choices
         }
 
     @property

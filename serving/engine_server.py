@@ -183,6 +183,7 @@ class EngineServer:
             "num_steps": self.engine.num_steps,
             "step_seconds": self.engine.step_times.snapshot(),
             "num_preemptions": gauges.get("num_preemptions", 0),
+            "layer_threads": dict(gauges.get("layer_threads") or {}),
             "expert_worker_tokens": list(self._expert_tokens),
             "balancing": dict(gauges.get("balancing") or {}),
             "faults": dict(gauges.get("faults") or {}),

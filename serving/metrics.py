@@ -94,6 +94,23 @@ class EngineCollector:
         yield from fault_families(self.snapshots, self.model_name)
         yield from tier_families(self.snapshots, self.model_name)
         yield from step_families(self.snapshots, self.model_name)
+        yield from thread_families(self.snapshots, self.model_name)
+
+
+def thread_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator[Metric]:
+    """The decoder layers' intra-op threads per size of step, as `parallel_min_tokens: auto`
+    measured and chose them on each attention rank (nothing under a fixed setting, or on one
+    thread, where there is nothing to choose)."""
+    threads = GaugeMetricFamily(
+        f"{PREFIX}_layer_threads",
+        "Intra-op threads the decoder layers run steps of up to step_tokens tokens on (auto's choice)",
+        labels=["model_name", "replica", "dp_rank", "step_tokens"],
+    )
+    for snap in snapshots:
+        for rank, chosen in (snap.get("layer_threads") or {}).items():
+            for bound, count in chosen.items():
+                threads.add_metric([model_name, str(snap["replica"]), str(rank), str(bound)], float(count))
+    yield threads
 
 
 def step_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator[Metric]:

@@ -52,6 +52,7 @@ def test_layer_threads_keep_the_greedy_tokens(tiny_maverick, parallel_min_tokens
             assert isinstance(policy, MeasuredThreads) and policy.chosen()[2] in (1, 2)
         else:
             assert isinstance(policy, FixedThreads) and policy.threads(1) == 2
+        assert engine.metrics()["layer_threads"] == {0: policy.chosen()}  # the /metrics gauge's source
     finally:
         torch.set_num_threads(before)
     for bad in (0, "fast"):
