@@ -23,12 +23,13 @@ from router.placement import Placement
 @dataclass
 class LayerSlots:
     """One MoE layer's slots: per slot s, gate_up[s] [H, 2I] and down[s] [I, H] hold logical expert
-    slot_to_expert[s]. Separate tensors per slot, so replacing a slot is a pointer swap."""
+    slot_to_expert[s]. Separate tensors per slot, so replacing a slot is a pointer swap; the
+    compute reads them stacked (`compute_weights`)."""
 
     gate_up: list[torch.Tensor]
     down: list[torch.Tensor]
     slot_to_expert: list[int]
-    # on a GPU: the slots stacked [S, H, 2I] and [S, I, H], gate_up[s]/down[s] views into them
+    # the slots stacked [S, H, 2I] and [S, I, H], gate_up[s]/down[s] views into them
     _stacked: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
     _views: tuple[list[torch.Tensor], list[torch.Tensor]] = field(
         default_factory=lambda: ([], []), repr=False, compare=False
@@ -58,10 +59,11 @@ class LayerSlots:
         )
 
     def compute_weights(self) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | list[torch.Tensor]]:
-        """What `grouped_swiglu` runs on: on a GPU the stacked slots (one grouped GEMM), on a CPU
-        the per-slot tensors (a loop; nothing is copied). After slots were replaced (a pointer
-        swap) or added, the GPU stack is made afresh once: one layer's slots are copied."""
-        if not self.gate_up or self.gate_up[0].device.type != "cuda":
+        """What `grouped_swiglu` runs on: the stacked slots (for the grouped GEMM; its per-slot
+        loop indexes them too). The first call stacks the loaded slots and keeps only the stack
+        (gate_up[s] become views of it). After slots were replaced (a pointer swap) or added, the
+        stack is made afresh once: one layer's slots are copied (bench-maverick, 128 slots: 100 MB)."""
+        if not self.gate_up:
             return self.gate_up, self.down
         views_gu, views_dn = self._views
         current = len(views_gu) == len(self.gate_up) and all(
@@ -85,13 +87,10 @@ def load_slots(
     out = {}
     for layer_idx, expert_ids in experts_per_layer.items():
         w = reader.expert_rows(layer_idx, list(expert_ids), dtype, device)
-        if w.gate_up.device.type == "cuda":  # stacked as read, for the grouped GEMM
-            out[layer_idx] = LayerSlots.from_stacked(w.gate_up, w.down, list(expert_ids))
-            continue
-        # clone per slot: a retired slot's memory is then freed on its own
-        out[layer_idx] = LayerSlots(
-            [t.clone() for t in w.gate_up], [t.clone() for t in w.down], list(expert_ids)
-        )
+        gate_up, down = w.gate_up, w.down  # stacked as read, for the grouped GEMM
+        if gate_up.device.type == "cpu":  # memory of its own, not a tensor the reader may share
+            gate_up, down = gate_up.clone(), down.clone()
+        out[layer_idx] = LayerSlots.from_stacked(gate_up, down, list(expert_ids))
     return out
 
 

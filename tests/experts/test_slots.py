@@ -1,5 +1,5 @@
-"""Expert slots on a (fake) GPU: read straight to the device, stacked for the grouped GEMM, still
-right after slots are swapped or added; on a CPU the per-slot tensors as they were."""
+"""Expert slots, stacked for the grouped GEMM on a CPU and on a (fake) GPU, still right after
+slots are swapped or added; on a GPU read straight to the device."""
 
 from __future__ import annotations
 
@@ -26,11 +26,18 @@ def _weights(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 8, 12, generator=g), torch.randn(n, 6, 8, generator=g)
 
 
-def test_on_a_cpu_the_slots_are_the_per_slot_tensors():
+def test_on_a_cpu_the_slots_are_stacked_once_and_follow_a_swap():
     gate_up, down = _weights(3)
-    layer = LayerSlots(list(gate_up), list(down), [0, 1, 2])
+    layer = LayerSlots(list(gate_up.clone()), list(down.clone()), [0, 1, 2])
     gu, dn = layer.compute_weights()
-    assert gu is layer.gate_up and dn is layer.down
+    assert torch.equal(gu, gate_up) and torch.equal(dn, down)
+    assert all(t.data_ptr() == gu[s].data_ptr() for s, t in enumerate(layer.gate_up))  # views: one copy
+    assert layer.compute_weights()[0] is gu  # no copy while nothing changed
+    new_gu, new_dn = _weights(1, seed=1)
+    layer.replace(0, 5, new_gu[0], new_dn[0])
+    gu, dn = layer.compute_weights()
+    assert torch.equal(gu, torch.stack([new_gu[0], gate_up[1], gate_up[2]]))
+    assert torch.equal(dn, torch.stack([new_dn[0], down[1], down[2]]))
 
 
 def test_on_a_gpu_the_slots_are_stacked_and_follow_swaps_and_growth(gpu):

@@ -63,11 +63,14 @@ def _inputs(rows: int, slots: int, dtype=torch.float32):
 
 
 def test_cpu_results_are_exactly_the_per_slot_loop():
+    """Stacked slots with many rows per slot take the grouped GEMM on a CPU, with few the loop;
+    per-slot tensors always loop. All give the old loop's results, bit for bit."""
     for dtype in (torch.float32, torch.bfloat16):
-        x, slot, gate_up, down = _inputs(37, 6, dtype)
-        expected = _old_grouped_swiglu(x, slot, gate_up, down)
-        assert torch.equal(grouped_swiglu(x, slot, gate_up, down), expected)  # stacked slots
-        assert torch.equal(grouped_swiglu(x, slot, list(gate_up), list(down)), expected)  # per-slot tensors
+        for rows, slots in ((37, 6), (3, 40), (1, 2)):  # 37 >= 6 / 8: grouped; 3 < 40 / 8: the loop
+            x, slot, gate_up, down = _inputs(rows, slots, dtype)
+            expected = _old_grouped_swiglu(x, slot, gate_up, down)
+            assert torch.equal(grouped_swiglu(x, slot, gate_up, down), expected)  # stacked slots
+            assert torch.equal(grouped_swiglu(x, slot, list(gate_up), list(down)), expected)  # per-slot
 
 
 def test_grouped_gemm_path_equals_the_loop():
