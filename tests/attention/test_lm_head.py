@@ -14,7 +14,8 @@ def _weight(dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def test_fp32_on_a_cpu_is_prepacked_and_gives_the_linear_product():
-    """One row takes the plain weight, more rows the prepacked one: both give the product."""
+    """One row takes the column blocks (the vocabulary padded to whole blocks), more rows the
+    prepacked weight: both give the product."""
     weight = _weight()
     head = LmHead(weight)
     assert head.prepacked  # the torch this project pins has oneDNN: the fast path is what runs
