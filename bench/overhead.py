@@ -5,7 +5,10 @@ the lm_head: `Llama4Decoder.forward` and `.logits`, timed inside the single-proc
 everything else: scheduling, the per-step metadata (`build_batch`), logits processing and
 sampling, output bookkeeping and detokenizing, and in the cluster Ray calls and the
 attention/expert hops. The cluster's overhead is its step time minus the single-process
-engine's math time at the same batch, measured in the same run (the math is the same).
+engine's math time at the same batch, measured in the same run (the math is the same). It then
+splits once more: the attention rank's own step (from its call arriving to its result: its math,
+scheduling and the exchanges with the expert workers) and the rest, the Ray call there and back
+and the driver's work between steps.
 """
 
 from __future__ import annotations
@@ -56,23 +59,29 @@ class TimedDecoder:
 def decode_steps(
     engine: Engine, prompts: list[list[int]], new_tokens: int, timer: TimedDecoder | None
 ) -> dict[str, list[float]]:
-    """Per decode step (the prefill step left out): wall seconds, and math seconds where timed."""
+    """Per decode step (the prefill step left out): wall seconds, math seconds where timed, and
+    for the cluster the slowest attention rank's own step (from its call arriving to its result)."""
     for prompt in prompts:
         engine.add(prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
     engine.step()  # prefill (the prompts fit one step's token budget)
-    walls, maths = [], []
+    walls, maths, ranks = [], [], []
     while engine.has_unfinished:
         before = timer.math_s if timer else 0.0
         t0 = time.perf_counter()
         engine.step()
         walls.append(time.perf_counter() - t0)
         maths.append(timer.math_s - before if timer else 0.0)
-    return {"wall_s": walls, "math_s": maths}
+        if isinstance(engine, ClusterEngine):
+            ranks.append(max(r.seconds for r in engine.last_results))
+    return {"wall_s": walls, "math_s": maths, "rank_s": ranks}
 
 
-def _row(walls: list[float], math_s: float) -> dict[str, float]:
+def _row(walls: list[float], math_s: float, ranks: list[float] = ()) -> dict[str, float]:
     wall = statistics.median(walls)
-    return {"step_ms": wall * 1e3, "math_ms": math_s * 1e3, "overhead_ms": (wall - math_s) * 1e3}
+    row = {"step_ms": wall * 1e3, "math_ms": math_s * 1e3, "overhead_ms": (wall - math_s) * 1e3}
+    if ranks:
+        row["rank_step_ms"] = statistics.median(ranks) * 1e3
+    return row
 
 
 def measure(
@@ -95,8 +104,9 @@ def measure(
             cluster = stack.enter_context(ClusterEngine(model, ClusterConfig(1, expert_workers), cfg))
             decode_steps(cluster, prompts, 3, None)
             runs = [decode_steps(cluster, prompts, new_tokens, None) for _ in range(reps)]
-            walls = min((r["wall_s"] for r in runs), key=statistics.median)
-            rows[f"cluster (1 attn + {expert_workers} expert)"] = _row(walls, math_s)
+            fastest = min(runs, key=lambda r: statistics.median(r["wall_s"]))
+            name = f"cluster (1 attn + {expert_workers} expert)"
+            rows[name] = _row(fastest["wall_s"], math_s, fastest["rank_s"])
     return rows
 
 
@@ -116,5 +126,10 @@ def cmd_overhead(args: argparse.Namespace) -> int:
             key = "engine" if name == "single process" else "cluster"
             figures[f"{key}_overhead_ms_b{batch}"] = round(r["overhead_ms"], 3)
             figures[f"{key}_step_ms_b{batch}"] = round(r["step_ms"], 3)
+            if "rank_step_ms" in r:  # the rest of the cluster's step: the Ray call and the driver
+                rank, hop = r["rank_step_ms"], r["step_ms"] - r["rank_step_ms"]
+                print(f"{'':<40} of it: the attention rank's own step {rank:.2f} ms, Ray + driver {hop:.2f}")
+                figures[f"cluster_rank_step_ms_b{batch}"] = round(rank, 3)
+                figures[f"cluster_call_ms_b{batch}"] = round(hop, 3)
     print(json.dumps(figures))
     return 0

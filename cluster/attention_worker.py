@@ -8,6 +8,7 @@ call per step (`step`), carrying the requests that join and the ones cancelled.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class StepResult:
     num_preemptions: int = 0  # since the rank started
     failed: str = ""  # the step did not complete (its group broke); nothing of it was applied
     layer_threads: dict[int, int] = field(default_factory=dict)  # auto's choice per size of step
+    seconds: float = 0.0  # the step on this rank, from its call arriving to its result
 
 
 class AttentionWorker(ProcessGroupMember):
@@ -101,6 +103,7 @@ class AttentionWorker(ProcessGroupMember):
         """One lock-step across the world: every attention rank runs the layers, with or without
         tokens, so every exchange has all its members. A step whose collectives break (a peer was
         lost) leaves the group and reports `failed`; the engine replays it in the next epoch."""
+        start = time.perf_counter()
         rejected = self._admit(step)
         if step.placement is not None:
             self.dispatcher.placement = step.placement  # between steps: a step uses one version
@@ -113,7 +116,8 @@ class AttentionWorker(ProcessGroupMember):
             log.warning(
                 "attention rank %d left epoch %d at step %d: %s", self.dp_rank, self.epoch, step.step_id, e
             )
-            return StepResult(self.dp_rank, (), tuple(rejected), failed=first_line(e))
+            seconds = time.perf_counter() - start
+            return StepResult(self.dp_rank, (), tuple(rejected), failed=first_line(e), seconds=seconds)
         self.dispatcher.end_step(completed=True)
         usage, sched = self.core.kv.usage(), self.core.scheduler
         expert_load, slot_load = self.dispatcher.take_load()
@@ -129,6 +133,7 @@ class AttentionWorker(ProcessGroupMember):
             slot_load,
             sched.num_preemptions,
             layer_threads=self.core.decoder.thread_policy.chosen(),
+            seconds=time.perf_counter() - start,
         )
 
     def _admit(self, step: StepInput) -> list[tuple[str, str]]:

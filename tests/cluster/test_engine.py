@@ -79,6 +79,9 @@ def test_close_leaves_no_processes(ray_session, tiny_maverick):
     engine = ClusterEngine(tiny_maverick, ClusterConfig(1, 2), ENGINE)
     assert isinstance(engine, Engine)
     assert engine.generate(PROMPTS[:1], PARAMS)[0].token_ids
+    (last,) = engine.last_results  # the last step's, from the one attention rank
+    assert last.seconds > 0  # its own step, which bench overhead sets against the call's
+    assert engine.metrics()["layer_threads"] == {0: last.layer_threads}
     pids = ray_session.get([w.pid.remote() for w in engine.attention + engine.experts])
     pg_id = engine._pg.id.hex()
     engine.close()
