@@ -17,10 +17,13 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.config import ModelConfig
+
 DEFAULT_PEER_DIR = Path.home() / ".cache" / "llama4-ep-peers"
 # the repository sits beside `shared/` in the workspace (…/wt11 and …/shared)
 DEFAULT_SCRIPTS = Path(__file__).resolve().parents[2] / "shared" / "peers"
 TIMEOUT_S = 1800  # vLLM's start-up and compile alone take a minute on 2 cores
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112)  # and 128 up: what vLLM CPU's attention takes (peers README)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,12 @@ def llama_cpp_rate(setup: PeerSetup, model: Path, batch: int, prompt_len: int, n
 
 def vllm_cpu_rate(setup: PeerSetup, model: Path, batch: int, prompt_len: int, new_tokens: int) -> PeerRate:
     name = "vllm-cpu"
+    head_dim = ModelConfig.from_file(model).head_dim if setup.vllm_python.exists() else None
+    if head_dim is not None and head_dim not in VLLM_CPU_HEAD_DIMS and head_dim < 128:
+        dims = ", ".join(map(str, VLLM_CPU_HEAD_DIMS))  # refused at load, after a minute of start-up
+        return PeerRate(
+            name, skipped=f"vLLM CPU takes head_dim {dims} or 128 and up; this model's is {head_dim}"
+        )
     copy = vllm_copy(setup, model)
     if isinstance(copy, str):
         return PeerRate(name, skipped=copy)

