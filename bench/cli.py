@@ -103,6 +103,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--rounds", type=int, default=2, help="with peers: rounds of all engines; the best counts")
     d.add_argument("--peer-dir", help="where the peers were built (default ~/.cache/llama4-ep-peers)")
     d.add_argument("--peer-scripts", help="the peers' scripts (default ../shared/peers beside the repo)")
+    d.add_argument("--profile", type=int, default=0, metavar="N", help="then a profiled run's top N ops")
     d.set_defaults(func=_decode)
     _add_overhead_parser(bench)
     _add_dispatch_parser(bench)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from bench.peers import PeerRate, PeerSetup, peer_rates
 from cluster.config import ClusterConfig
@@ -66,6 +67,18 @@ def _engine_config(prompts: list[list[int]], parallel_min_tokens: int | None) ->
     budget = max(512, sum(len(p) for p in prompts))
     threads = parallel_min_tokens_setting(parallel_min_tokens)
     return EngineConfig(token_budget=budget, max_num_seqs=max(64, len(prompts)), **threads)
+
+
+def profile_table(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, rows: int) -> str:
+    """The single-process engine's run (prefill and decode) under torch's profiler: the `rows` ops
+    with the most self CPU time, by input shape. The profiler slows some calls (oneDNN's lm_head
+    most: 26-51 ms under it, 21 ms without at batch 32); the rates above are measured without it."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        engine.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    averages = prof.key_averages(group_by_input_shape=True)
+    return averages.table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=30, max_shapes_column_width=64
+    )
 
 
 def _engine_runner(engine: LLMEngine, prompts: list[list[int]]) -> Callable[[int], None]:
@@ -130,6 +143,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
         else:
             prefill = "-" if peer.prefill_tok_s is None else f"{peer.prefill_tok_s:.1f}"
             print(f"{peer.name:<48} {peer.decode_tok_s:>14.1f} {prefill:>14} {'-':>9}")
+    if args.profile:
+        print(profile_table(engine, prompts, args.new_tokens, args.profile))
     print(json.dumps(_decode_figures(args, rows, peers, layer_threads)))
     return 0
 

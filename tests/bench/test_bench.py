@@ -11,14 +11,19 @@ from cli.main import main
 
 
 def bench_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    return bench_output(capsys, *args)[0]
+
+
+def bench_output(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[dict, str]:
+    """The JSON line's figures, and everything printed before it."""
     assert main(["bench", *args]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) > 1  # a table first
-    return json.loads(lines[-1])
+    return json.loads(lines[-1]), "\n".join(lines[:-1])
 
 
 def test_bench_decode_cluster_engine_and_transformers(capsys, ray_session, tiny_maverick):
-    figures = bench_json(
+    figures, text = bench_output(
         capsys,
         "decode",
         "--model",
@@ -36,8 +41,11 @@ def test_bench_decode_cluster_engine_and_transformers(capsys, ray_session, tiny_
         "--no-peers",
         "--parallel-min-tokens",
         "1",
+        "--profile",
+        "5",
     )
     assert figures["parallel_min_tokens"] == 1
+    assert "Input Shapes" in text and "Self CPU time total" in text  # --profile's table, before the JSON
     for key in ("engine_decode_tok_s", "cluster_decode_tok_s", "transformers_decode_tok_s"):
         assert figures[key] > 0
     # the ratios are what the rates say (the rates are rounded to 2 decimals first)
