@@ -7,14 +7,18 @@ the step loop keeps serving the old map; the switch rides on the next step's hea
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import ray
 import torch
+from ray.exceptions import RayError
 
 from router.placement import Placement
 from router.rebalancing import RebalanceConfig, Rebalancing
 from router.service import RouterService
+
+log = logging.getLogger(__name__)
 
 
 class Rebalancer:
@@ -136,7 +140,11 @@ class Rebalancer:
         if ref is not None:
             if not ray.wait([ref], timeout=0)[0]:
                 return self.latest_metrics
-            self.latest_metrics, self._metrics_ref = ray.get(ref), None
+            self._metrics_ref = None
+            try:
+                self.latest_metrics = ray.get(ref)
+            except RayError as e:  # a gauge read must not fail the caller: keep the last figures
+                log.warning("the router service did not answer for its figures: %s", str(e).splitlines()[0])
         if self._unasked:
             self._metrics_ref, self._unasked = self.service.metrics.remote(), False
         return self.latest_metrics
