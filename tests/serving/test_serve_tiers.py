@@ -89,8 +89,10 @@ def test_a_tiers_change_resizes_the_running_replica_in_place(server, tiny_maveri
             assert event.wait(timeout=120)
         deploy(server, str(tiny_maverick), {"attention_workers": 2, "expert_workers": 2})
         deadline = time.monotonic() + 300
-        while engine_metrics()["workers"] != {"attention": 2, "expert": 2}:
-            assert time.monotonic() < deadline, engine_metrics()
+        # done when its seconds are recorded: the switch sets the new members first, then joins
+        # them to the new epoch (Ray calls), and only then records the resize
+        while (m := engine_metrics())["workers"] != {"attention": 2, "expert": 2} or not m["resize_seconds"]:
+            assert time.monotonic() < deadline, m
             time.sleep(0.5)
         for t in threads:
             t.join(timeout=300)
