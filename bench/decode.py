@@ -72,7 +72,7 @@ def _engine_config(prompts: list[list[int]], parallel_min_tokens: int | None) ->
 def profile_table(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, rows: int) -> str:
     """The single-process engine's run (prefill and decode) under torch's profiler: the `rows` ops
     with the most self CPU time, by input shape. The profiler slows some calls (oneDNN's lm_head
-    most: 26-51 ms under it, 21 ms without at batch 32); the rates above are measured without it."""
+    most: 34-51 ms under it, 21 ms without at batch 32); the rates above are measured without it."""
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         engine.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
     averages = prof.key_averages(group_by_input_shape=True)
