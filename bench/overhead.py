@@ -18,6 +18,7 @@ import contextlib
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def decode_steps(
     return {"wall_s": walls, "math_s": maths, "rank_s": ranks}
 
 
-def _row(walls: list[float], math_s: float, ranks: list[float] = ()) -> dict[str, float]:
+def _row(walls: Sequence[float], math_s: float, ranks: Sequence[float] = ()) -> dict[str, float]:
     wall = statistics.median(walls)
     row = {"step_ms": wall * 1e3, "math_ms": math_s * 1e3, "overhead_ms": (wall - math_s) * 1e3}
     if ranks:

@@ -254,67 +254,35 @@ class ServingMetrics:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         r, model = self.registry, ["model_name"]
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", doc, model, buckets=buckets, registry=r)
+
         self.requests = Counter(
             f"{PREFIX}_requests",
             "Requests answered, by endpoint and status",
             [*model, "endpoint", "status"],
             registry=r,
         )
-        self.ttft = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds",
-            "Arrival to first token",
-            model,
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            f"{PREFIX}_inter_token_latency_seconds",
-            "Time between token deltas",
-            model,
-            buckets=ITL_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            f"{PREFIX}_e2e_request_latency_seconds",
-            "Arrival to last token",
-            model,
-            buckets=E2E_BUCKETS,
-            registry=r,
-        )
-        self.tpot = Histogram(
-            f"{PREFIX}_time_per_output_token_seconds",
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between token deltas", ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token", E2E_BUCKETS)
+        self.tpot = histogram(
+            "time_per_output_token_seconds",
             "Mean time per output token after the first, per request",
-            model,
-            buckets=ITL_BUCKETS,
-            registry=r,
+            ITL_BUCKETS,
         )
-        self.prefill = Histogram(
-            f"{PREFIX}_request_prefill_time_seconds",
+        self.prefill = histogram(
+            "request_prefill_time_seconds",
             "Arrival to first token (queueing and prefill; the ingress cannot tell them apart)",
-            model,
-            buckets=E2E_BUCKETS,
-            registry=r,
+            E2E_BUCKETS,
         )
-        self.decode = Histogram(
-            f"{PREFIX}_request_decode_time_seconds",
-            "First to last token",
-            model,
-            buckets=E2E_BUCKETS,
-            registry=r,
+        self.decode = histogram("request_decode_time_seconds", "First to last token", E2E_BUCKETS)
+        self.request_prompt_tokens = histogram(
+            "request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS
         )
-        self.request_prompt_tokens = Histogram(
-            f"{PREFIX}_request_prompt_tokens",
-            "Prompt tokens per request",
-            model,
-            buckets=TOKEN_BUCKETS,
-            registry=r,
-        )
-        self.request_generation_tokens = Histogram(
-            f"{PREFIX}_request_generation_tokens",
-            "Generated tokens per request",
-            model,
-            buckets=TOKEN_BUCKETS,
-            registry=r,
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Generated tokens per request", TOKEN_BUCKETS
         )
         self.success = Counter(
             f"{PREFIX}_request_success",
