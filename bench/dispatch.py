@@ -8,9 +8,12 @@ group on a free port) and times one MoE layer's exchange three ways, interleaved
 - `dispatch`: `AttentionDispatcher.dispatch(...).wait()` against `ExpertServer.receive` /
   `send_back` with identity experts (the rows go straight back): the dispatcher's transport;
 - `dispatch+compute`: the same with the SwiGLU of every slot (what `ExpertServer.serve` does);
-  the expert ranks also time their SwiGLU alone (`expert_compute`, slowest rank per layer).
+  the expert ranks also time their SwiGLU alone (`expert_compute`, slowest rank per layer);
+- `sockets` and `sockets+compute`: the dispatcher again, over the sockets transport (the default
+  on CPUs, `router.transport`) instead of gloo collectives.
 
-`overhead_vs_all_to_all` = dispatch / all_to_all, transport only: the median over reps of each
+`collective_vs_sockets` = dispatch+compute / sockets+compute: what the sockets transport saves
+a MoE layer. `overhead_vs_all_to_all` = dispatch / all_to_all, transport only: the median over reps of each
 rep's ratio (a rep runs the modes back to back, so a busy spell of a shared machine lands on both
 sides of one ratio). Times are attention rank 0's wall clock per MoE layer; the attention side's
 process CPU time (its gloo threads included) comes along as a steadier second opinion.
@@ -37,8 +40,9 @@ from model.checkpoint import parse_dtype
 from router.dispatcher import AttentionDispatcher, ExpertServer
 from router.layout import RankLayout, plan_layout
 from router.placement import Placement
+from router.transport import SocketTransport
 
-MODES = ("all_to_all", "dispatch", "dispatch+compute")
+MODES = ("all_to_all", "dispatch", "dispatch+compute", "sockets", "sockets+compute")
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,10 @@ def _summarise(num_tokens: int, samples: dict) -> dict:
         "with_compute_vs_all_to_all": ratio(wall["dispatch+compute"], wall["all_to_all"]),
         "attention_cpu_all_to_all_ms": ms(cpu["all_to_all"]),
         "attention_cpu_dispatch_ms": ms(cpu["dispatch"]),
+        "sockets_ms": ms(wall["sockets"]),
+        "sockets_with_compute_ms": ms(wall["sockets+compute"]),
+        "collective_vs_sockets": ratio(wall["dispatch+compute"], wall["sockets+compute"]),
+        "attention_cpu_sockets_ms": ms(cpu["sockets"]),
     }
 
 
@@ -120,15 +128,19 @@ def _rank_main(rank: int, spec: DispatchSpec, port: int, out: str) -> None:
     torch.set_num_threads(1)  # the node's cores are shared by every rank
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world_size)
+    m = spec.num_attention
+    peers = range(m, spec.world_size) if rank < m else range(m)
+    sockets = SocketTransport.connect(dist.PrefixStore("sockets/", store), rank, peers, timeout_s=300)
     try:
         side = _attention_rank if rank < spec.num_attention else _expert_rank
-        mine = side(rank, spec)
+        mine = side(rank, spec, sockets)
         gathered: list = [None] * spec.world_size
         dist.all_gather_object(gathered, mine)
         if rank == 0:
             result = {"attention": gathered[0], "experts": gathered[spec.num_attention :]}
             Path(out).write_text(json.dumps(result))
     finally:
+        sockets.close()
         dist.destroy_process_group()
 
 
@@ -168,10 +180,12 @@ def _layer_input(
     return _LayerInput(x, expert_idx, route.counts, x[route.order].contiguous(), route.splits)
 
 
-def _attention_rank(rank: int, spec: DispatchSpec) -> dict[str, list[float]]:
+def _attention_rank(rank: int, spec: DispatchSpec, sockets: SocketTransport) -> dict[str, list[float]]:
     layout, placement = _world(spec)
     dtype = parse_dtype(spec.dtype)
-    d = AttentionDispatcher(layout, placement, tuple(range(spec.num_layers)), rank, torch.device("cpu"))
+    layers, cpu = tuple(range(spec.num_layers)), torch.device("cpu")
+    d = AttentionDispatcher(layout, placement, layers, rank, cpu)
+    over_sockets = AttentionDispatcher(layout, placement, layers, rank, cpu, sockets)
     g = torch.Generator().manual_seed(spec.seed + rank)
     times: dict[str, list[float]] = {}
     inputs: dict[tuple[int, int], list[_LayerInput]] = {}
@@ -185,23 +199,24 @@ def _attention_rank(rank: int, spec: DispatchSpec) -> dict[str, list[float]]:
         t0, c0 = time.perf_counter(), time.process_time()
         for m, inp in enumerate(batch):
             if mode == "all_to_all":
-                _bare_attention(layout.world_size, spec.hidden_size, inp)
+                _bare_attention(layout, spec.hidden_size, inp)
             else:
-                d.dispatch(m, inp.x, inp.expert_idx).wait()
+                (over_sockets if mode.startswith("sockets") else d).dispatch(m, inp.x, inp.expert_idx).wait()
         t1, c1 = time.perf_counter(), time.process_time()
         times.setdefault(f"{num_tokens}/{mode}", []).append((t1 - t0) / spec.num_layers)
         times.setdefault(f"{num_tokens}/{mode}/cpu", []).append((c1 - c0) / spec.num_layers)
     return times
 
 
-def _bare_attention(world_size: int, hidden: int, inp: _LayerInput) -> None:
-    zero = [0] * world_size
-    dist.all_to_all_single(torch.empty_like(inp.counts), inp.counts)
+def _bare_attention(layout: RankLayout, hidden: int, inp: _LayerInput) -> None:
+    zero = [0] * layout.world_size
+    to_experts = [0] * layout.num_attention + [layout.slots_per_worker] * layout.num_expert_workers
+    dist.all_to_all_single(inp.counts[:0], inp.counts[layout.first_expert_key :], zero, to_experts)
     dist.all_to_all_single(inp.rows.new_empty((0, hidden)), inp.rows, zero, inp.splits)
     dist.all_to_all_single(torch.empty_like(inp.rows), inp.rows[:0], inp.splits, zero)
 
 
-def _expert_rank(rank: int, spec: DispatchSpec) -> dict[str, list[float]]:
+def _expert_rank(rank: int, spec: DispatchSpec, sockets: SocketTransport) -> dict[str, list[float]]:
     """Serves every exchange; returns its SwiGLU seconds per MoE layer per rep, by token count."""
     layout, _ = _world(spec)
     dtype = parse_dtype(spec.dtype)
@@ -209,17 +224,21 @@ def _expert_rank(rank: int, spec: DispatchSpec) -> dict[str, list[float]]:
     s, h, i = layout.slots_per_worker, spec.hidden_size, spec.intermediate_size
     gate_up = (torch.randn(s, h, 2 * i, generator=g) / h**0.5).to(dtype)
     down = (torch.randn(s, i, h, generator=g) / i**0.5).to(dtype)
-    server = ExpertServer(layout, h, dtype, torch.device("cpu"))
+    servers = {
+        "collective": ExpertServer(layout, h, dtype, torch.device("cpu")),
+        "sockets": ExpertServer(layout, h, dtype, torch.device("cpu"), sockets),
+    }
     compute: dict[str, list[float]] = {}
     for _, num_tokens, mode in _schedule(spec):
         dist.barrier()
         seconds = 0.0
+        server = servers["sockets" if mode.startswith("sockets") else "collective"]
         for m in range(spec.num_layers):
             if mode == "all_to_all":
-                _bare_expert(layout.world_size, s, h, dtype)
+                _bare_expert(layout, h, dtype)
                 continue
             rows, local_slot, splits = server.receive()
-            if mode == "dispatch+compute":  # exactly ExpertServer.serve, with a clock around SwiGLU
+            if mode.endswith("+compute"):  # exactly the expert worker's loop, with a clock around SwiGLU
                 t0 = time.perf_counter()
                 rows = grouped_swiglu(rows, local_slot, gate_up, down)
                 seconds += time.perf_counter() - t0
@@ -229,11 +248,12 @@ def _expert_rank(rank: int, spec: DispatchSpec) -> dict[str, list[float]]:
     return compute
 
 
-def _bare_expert(world_size: int, slots: int, hidden: int, dtype: torch.dtype) -> None:
-    zero = [0] * world_size
-    counts = torch.empty(world_size * slots, dtype=torch.long)
-    dist.all_to_all_single(counts, torch.zeros_like(counts))
-    splits = counts.view(world_size, slots).sum(1).tolist()
+def _bare_expert(layout: RankLayout, hidden: int, dtype: torch.dtype) -> None:
+    m, s = layout.num_attention, layout.slots_per_worker
+    zero, no_rows = [0] * layout.world_size, [0] * layout.num_expert_workers
+    counts = torch.empty(m * s, dtype=torch.long)
+    dist.all_to_all_single(counts, counts[:0], [s] * m + no_rows, zero)
+    splits = counts.view(m, s).sum(1).tolist() + no_rows
     rows = torch.empty((sum(splits), hidden), dtype=dtype)
     dist.all_to_all_single(rows, rows[:0], splits, zero)
     dist.all_to_all_single(rows[:0], rows, zero, splits)
@@ -245,23 +265,26 @@ def _bare_expert(world_size: int, slots: int, hidden: int, dtype: torch.dtype) -
 def print_dispatch(spec: DispatchSpec, rows: list[dict]) -> None:
     print(
         f"dispatch per MoE layer: {spec.num_attention} attention + {spec.num_expert_workers} expert ranks "
-        f"(gloo, one process each), {spec.num_experts} experts, hidden {spec.hidden_size}, "
+        f"(one process each), {spec.num_experts} experts, hidden {spec.hidden_size}, "
         f"{spec.dtype}, random top-1 routing; median of {spec.reps} interleaved reps "
         f"of {spec.num_layers} layers"
     )
     print(
-        f"{'tokens':>7} {'all_to_all ms':>14} {'dispatch ms':>12} {'overhead':>9} "
-        f"{'+compute ms':>12} {'expert swiglu ms':>17}"
+        f"{'':>7} {'gloo: bare a2a':>14} {'dispatch':>9} {'overhead':>9} {'+compute':>9} "
+        f"{'sockets: dispatch':>18} {'+compute':>9} {'expert swiglu':>14} {'gloo/sockets':>13}"
     )
     for r in rows:
         print(
-            f"{r['num_tokens']:>7} {r['all_to_all_ms']:>14.3f} {r['dispatch_ms']:>12.3f} "
-            f"{r['overhead_vs_all_to_all']:>8.2f}x {r['dispatch_with_compute_ms']:>12.3f} "
-            f"{r['expert_compute_ms']:>17.3f}"
+            f"{r['num_tokens']:>4} tk {r['all_to_all_ms']:>11.3f} ms {r['dispatch_ms']:>9.3f} "
+            f"{r['overhead_vs_all_to_all']:>8.2f}x {r['dispatch_with_compute_ms']:>9.3f} "
+            f"{r['sockets_ms']:>18.3f} {r['sockets_with_compute_ms']:>9.3f} {r['expert_compute_ms']:>14.3f} "
+            f"{r['collective_vs_sockets']:>12.2f}x"
         )
+    print("(ms per MoE layer, attention rank 0's wall clock)")
     figures = {
         **{k: v for k, v in asdict(spec).items() if k not in ("seed",)},
         "overhead_vs_all_to_all": max(r["overhead_vs_all_to_all"] for r in rows),
+        "collective_vs_sockets": min(r["collective_vs_sockets"] for r in rows),
         "results": rows,
         "cpus": os.cpu_count(),
     }

@@ -91,13 +91,18 @@ class AttentionWorker(ProcessGroupMember):
         layout: RankLayout,
         placement: Placement,
         collective_timeout_s: float,
+        transport: str = "auto",
     ) -> int:
         """Join `epoch`'s group as attention rank `dp_rank` of `layout`, routing by `placement`.
         Requests, KV cache and a step waiting to be replayed stay as they are."""
         self.dp_rank = dp_rank
-        self.dispatcher = AttentionDispatcher(layout, placement, self.moe_layers, dp_rank, self.device)
+        experts = range(layout.num_attention, layout.world_size)
+        self.join(store, epoch, dp_rank, layout.world_size, experts, collective_timeout_s, transport)
+        self.dispatcher = AttentionDispatcher(
+            layout, placement, self.moe_layers, dp_rank, self.device, self.transport
+        )
         self.core.decoder.experts = self.dispatcher
-        return self.join(store, epoch, dp_rank, layout.world_size, collective_timeout_s)
+        return dp_rank
 
     def step(self, step: StepInput) -> StepResult:
         """One lock-step across the world: every attention rank runs the layers, with or without
@@ -182,6 +187,7 @@ class AttentionWorker(ProcessGroupMember):
         return {
             "dp_rank": self.dp_rank,
             "epoch": self.epoch,
+            "transport": self.transport_in_use(),
             # this epoch's rows, over the steps that completed (the row-count invariant is per epoch)
             "rows_sent_per_layer": dict(self.dispatcher.sent.per_layer),
             "rows_returned_per_layer": dict(self.dispatcher.returned.per_layer),

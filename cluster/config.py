@@ -9,6 +9,7 @@ from model.config import ModelConfig
 from router.layout import RankLayout, plan_layout
 from router.placement import Placement
 from router.rebalancing import RebalanceConfig
+from router.transport import TRANSPORTS
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -52,6 +53,9 @@ class ClusterConfig:
     faults: FaultTolerance = field(default_factory=FaultTolerance)
     # vision-encoder actors (one device each); 0: each attention worker encodes its own requests
     num_vision_workers: int = 0
+    # how the dispatcher's rows travel (router.transport): "auto" is sockets on CPUs, NCCL on GPUs;
+    # "collective" is torch.distributed's backend on either (gloo on CPUs)
+    transport: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_attention_workers < 1:
@@ -70,6 +74,10 @@ class ClusterConfig:
             )
         if self.num_vision_workers < 0:
             raise ValueError(f"vision workers must be >= 0, got {self.num_vision_workers}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {self.transport!r} (allowed: {', '.join(TRANSPORTS)})")
+        if self.transport == "sockets" and self.device != "cpu":
+            raise ValueError("the sockets transport carries CPU tensors only; on GPUs use auto (NCCL)")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus per worker must be > 0, got {self.cpus_per_worker}")
 

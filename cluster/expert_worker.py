@@ -70,15 +70,16 @@ class ExpertWorker(ProcessGroupMember):
         worker_idx: int,
         layout: RankLayout,
         collective_timeout_s: float,
+        transport: str = "auto",
     ) -> int:
         """Join `epoch`'s group as expert worker `worker_idx` of `layout` (the driver has staged
         whatever this worker's slots change to in the new map)."""
         self._rows_before += sum(self.server.computed.per_layer.values())
         self.worker_idx, self.layout = worker_idx, layout
-        self.server = ExpertServer(layout, self.hidden_size, self.slots.dtype, self.device)
-        return self.join(
-            store, epoch, layout.expert_rank(worker_idx), layout.world_size, collective_timeout_s
-        )
+        rank, attention = layout.expert_rank(worker_idx), range(layout.num_attention)
+        self.join(store, epoch, rank, layout.world_size, attention, collective_timeout_s, transport)
+        self.server = ExpertServer(layout, self.hidden_size, self.slots.dtype, self.device, self.transport)
+        return rank
 
     def run_loop(self) -> LoopEnd:
         """Serve this epoch's steps until its headers say STOP or LEAVE, or the group breaks."""
@@ -124,6 +125,7 @@ class ExpertWorker(ProcessGroupMember):
         return {
             "worker_idx": self.worker_idx,
             "epoch": self.epoch,
+            "transport": self.transport_in_use(),
             "placement_version": self.slots.version,
             "rows_computed_per_layer": rows,  # this epoch's (the row-count invariant is per epoch)
             "rows_computed_total": self._rows_before + sum(rows.values()),

@@ -182,12 +182,15 @@ class Recovery:
     def join(self, epoch: int) -> None:
         """Every current worker joins `epoch` with the engine's layout and map; the expert loops start."""
         e, timeout = self.engine, self.engine.cluster.faults.collective_timeout_s
-        address = e.board.address
+        address, transport = e.board.address, e.cluster.transport
         refs = [
-            a.join_epoch.remote(address, epoch, r, e.layout, e.placement, timeout)
+            a.join_epoch.remote(address, epoch, r, e.layout, e.placement, timeout, transport)
             for r, a in enumerate(e.attention)
         ]
-        refs += [x.join_epoch.remote(address, epoch, w, e.layout, timeout) for w, x in enumerate(e.experts)]
+        refs += [
+            x.join_epoch.remote(address, epoch, w, e.layout, timeout, transport)
+            for w, x in enumerate(e.experts)
+        ]
         ray.get(refs)
         e.loops = [x.run_loop.remote() for x in e.experts]
 

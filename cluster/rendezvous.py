@@ -1,8 +1,10 @@
-"""Joining and leaving an epoch's torch.distributed group from Ray actors.
+"""Joining and leaving an epoch's group from Ray actors.
 
 Every member connects once to the driver's TCP store (`cluster.membership`) and, for each
-membership epoch, joins a fresh group under that epoch's store prefix with its new rank. NCCL on
-GPUs, gloo on CPUs. No port is hard-coded: the driver's store listens on a free one.
+membership epoch, joins a fresh group under that epoch's store prefix with its new rank: a
+torch.distributed group with NCCL on GPUs, a mesh of sockets on CPUs (`router.transport`; gloo
+where `transport="collective"`). No port is hard-coded: the store and the sockets listen on free
+ones.
 
 Collectives run under a step-scoped timeout: a stalled peer fails the step after
 `collective_timeout_s` at the latest. A dead peer fails it at once (its sockets close), and a
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.membership import StoreAddress, connect, epoch_store
+from router.transport import CollectiveTransport, SocketTransport, resolve_transport
 
 log = logging.getLogger(__name__)
 DEVICES = ("cpu", "cuda")
@@ -49,6 +52,7 @@ class ProcessGroupMember:
         self.rank = -1
         self.epoch = -1
         self._store: dist.TCPStore | None = None
+        self.transport: CollectiveTransport | SocketTransport | None = None
 
     def pid(self) -> int:
         return os.getpid()
@@ -63,26 +67,42 @@ class ProcessGroupMember:
         return os.getpid()
 
     def join(
-        self, store: StoreAddress, epoch: int, rank: int, world_size: int, collective_timeout_s: float
+        self,
+        store: StoreAddress,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        peers: range,
+        collective_timeout_s: float,
+        transport: str = "auto",
     ) -> int:
-        """Leave the current group (if any) and join `epoch`'s group as `rank`."""
+        """Leave the current group (if any) and join `epoch`'s group as `rank`; `peers` are the
+        ranks this one exchanges with (a socket each)."""
         self.leave()
         if self._store is None:
             self._store = connect(store)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend,
-            store=epoch_store(self._store, epoch),
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=collective_timeout_s),
-        )
+        prefixed = epoch_store(self._store, epoch)
+        if resolve_transport(transport, self.device) == "sockets":
+            ip = ray.util.get_node_ip_address()
+            self.transport = SocketTransport.connect(prefixed, rank, peers, collective_timeout_s, ip)
+        else:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            timeout = datetime.timedelta(seconds=collective_timeout_s)
+            dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world_size,
+                                    timeout=timeout)  # fmt: skip
+            self.transport = CollectiveTransport(world_size)
         self.rank, self.epoch = rank, epoch
         return rank
 
+    def transport_in_use(self) -> str:
+        return self.transport.describe() if self.transport is not None else "none (not in a group)"
+
     def leave(self) -> None:
-        """Leave the group, broken or not (a no-op outside one). NCCL communicators are aborted
-        first: a destroy alone can block on a peer that is gone."""
+        """Leave the group, broken or not (a no-op outside one). Sockets are shut at once; NCCL
+        communicators are aborted first: a destroy alone can block on a peer that is gone."""
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
         if not dist.is_initialized():
             return
         try:

@@ -3,20 +3,23 @@
 World layout (`router.layout.RankLayout`): attention ranks 0..M-1 (data parallel), expert ranks
 M..M+N-1. Every rank joins every exchange, in the same order, once per MoE layer:
 
-1. counts: each rank sends, for every (destination rank, local slot), how many rows it routes
-   there: an int64 tensor [world * S]. Expert ranks send zeros. Rows are sorted by (destination,
-   slot), so the receiver derives each row's slot from the counts alone; no per-row metadata.
-2. rows: the routed rows [n, H] go out with `all_to_all_single` (async on the attention side, so
-   the shared expert runs while they travel).
+1. counts: each attention rank sends every expert rank, for each of its local slots, how many
+   rows it routes there (int64 [S] per expert rank). Rows are sorted by (destination, slot), so the
+   receiver derives each row's slot from the counts alone; no per-row metadata.
+2. rows: the routed rows [n, H] go out (async where the transport is, so the shared expert runs
+   while they travel).
 3. results: expert ranks run SwiGLU per slot (`cluster.expert_worker`) and send the rows back
    the way they came; the attention side restores token order.
+
+Each exchange goes one way and both sides know its sizes, which is all a transport
+(`router.transport`) has to carry: sockets on CPUs, collectives (NCCL) on GPUs.
 
 Expert ranks learn that a step comes from the header the driver writes before it
 (`cluster.membership`); they need no Ray call per step.
 
 Every tensor lives on the rank's device (NCCL takes only GPU tensors): rows, results, counts,
 load statistics and the placement's lookup tables. Host syncs per MoE layer, the minimum the
-transport needs, since `all_to_all_single` takes its split sizes as Python ints:
+transport needs, since it takes its split sizes as Python ints:
 - attention rank: 1, the rows per destination rank (`Route.splits`); in a layer where some
   expert has several replicas 5 more: `router.routing.choose_replica` reads its inputs' range
   (4) and `router.placement.occurrence_rank` uses CUDA's bincount (1);
@@ -35,6 +38,9 @@ import torch.distributed as dist
 from router.layout import RankLayout
 from router.placement import Placement
 from router.routing import ReplicaTable
+from router.transport import CollectiveTransport, SocketTransport
+
+Transport = CollectiveTransport | SocketTransport
 
 
 @dataclass
@@ -71,8 +77,7 @@ class PendingRows:
             self._work.wait()
         d = self._d
         back = self._like.new_empty((self._num_rows, self._like.shape[1]))
-        empty = self._like.new_empty((0, self._like.shape[1]))
-        dist.all_to_all_single(back, empty, output_split_sizes=self._splits, input_split_sizes=d.zero_splits)
+        d.transport.recv(back, self._splits)
         out = torch.empty_like(back).index_copy_(0, self._order, back)  # back to token order
         d.step_returned.add(d.current_layer, self._num_rows)
         return out
@@ -98,13 +103,17 @@ class AttentionDispatcher:
         moe_layers: tuple[int, ...],
         dp_rank: int,
         device: torch.device,
+        transport: Transport | None = None,
     ) -> None:
+        """`transport`: None is the default group's collectives."""
         self.layout = layout
+        self.transport = transport or CollectiveTransport(layout.world_size)
+        # counts go to the expert ranks: int64 [S] each
+        self.count_splits = [0] * layout.num_attention + [layout.slots_per_worker] * layout.num_expert_workers
         self.moe_index = {layer: i for i, layer in enumerate(moe_layers)}
         self.dp_rank = dp_rank
         self.device = device
         self.step_id = 0
-        self.zero_splits = [0] * layout.world_size
         self.sent = RowCounter()  # over the steps that completed
         self.returned = RowCounter()
         self.step_sent = RowCounter()  # this step's, counted once the step completes
@@ -159,12 +168,9 @@ class AttentionDispatcher:
         m = self.moe_index[layer_idx]
         route = self.route(m, expert_idx)
         self._count_load(m, expert_idx, route.counts)
-        dist.all_to_all_single(torch.empty_like(route.counts), route.counts)
+        self.transport.send(route.counts[self.layout.first_expert_key :], self.count_splits)
         rows = routed_in.index_select(0, route.order)  # a third of advanced indexing's cost on CPU
-        recv = rows.new_empty((0, rows.shape[1]))
-        work = dist.all_to_all_single(
-            recv, rows, output_split_sizes=self.zero_splits, input_split_sizes=route.splits, async_op=True
-        )
+        work = self.transport.send(rows, route.splits, async_op=True)
         self.step_sent.add(m, rows.shape[0])
         self.current_layer = m
         return PendingRows(self, route.order, route.splits, work, rows.shape[0], routed_in)
@@ -198,36 +204,42 @@ class ExpertServer:
     """The expert-rank side of one exchange: receive the rows, and send their results back."""
 
     def __init__(
-        self, layout: RankLayout, hidden_size: int, dtype: torch.dtype, device: torch.device
+        self,
+        layout: RankLayout,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        transport: Transport | None = None,
     ) -> None:
+        """`transport`: None is the default group's collectives."""
         self.layout = layout
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.device = device
+        self.transport = transport or CollectiveTransport(layout.world_size)
         self.computed = RowCounter()
         self.rows_per_source: dict[int, int] = {}
-        self._zeros = torch.zeros(layout.num_keys, dtype=torch.long, device=device)  # what expert ranks send
-        self._slot_of_key = torch.arange(layout.num_keys, device=device) % layout.slots_per_worker
+        m, s = layout.num_attention, layout.slots_per_worker
+        self._count_splits = [s] * m + [0] * layout.num_expert_workers  # int64 [S] from each attention rank
+        self._counts = torch.empty(m * s, dtype=torch.long, device=device)
+        self._slot_of_key = torch.arange(m * s, device=device) % s
+        self._no_rows = [0] * layout.num_expert_workers  # expert ranks send each other nothing
 
     def receive(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """The counts, then the rows of one exchange: rows [n, H], their local slot int64 [n], and
         the rows per source rank (which `send_back` needs)."""
         layout = self.layout
-        counts = torch.empty_like(self._zeros)
-        dist.all_to_all_single(counts, self._zeros)
-        splits = counts.view(layout.world_size, layout.slots_per_worker).sum(1).tolist()
+        counts = self._counts
+        self.transport.recv(counts, self._count_splits)
+        splits = counts.view(layout.num_attention, layout.slots_per_worker).sum(1).tolist() + self._no_rows
         rows = torch.empty((sum(splits), self.hidden_size), dtype=self.dtype, device=self.device)
-        empty = rows.new_empty((0, self.hidden_size))
-        zero_splits = [0] * layout.world_size
-        dist.all_to_all_single(rows, empty, output_split_sizes=splits, input_split_sizes=zero_splits)
+        self.transport.recv(rows, splits)
         local_slot = torch.repeat_interleave(self._slot_of_key, counts, output_size=rows.shape[0])
         return rows, local_slot, splits
 
     def send_back(self, moe_idx: int, out: torch.Tensor, splits: list[int]) -> None:
         """Results [n, H], in the order `receive` gave the rows, back to their source ranks."""
-        empty = out.new_empty((0, self.hidden_size))
-        zero_splits = [0] * self.layout.world_size
-        dist.all_to_all_single(empty, out, output_split_sizes=zero_splits, input_split_sizes=splits)
+        self.transport.send(out, splits)
         self.computed.add(moe_idx, out.shape[0])
         for src, n in enumerate(splits):
             self.rows_per_source[src] = self.rows_per_source.get(src, 0) + n

@@ -176,6 +176,11 @@ class ServeAppConfig(BaseModel):
     media: MediaArgs = Field(default_factory=MediaArgs)
     rebalance: RebalanceArgs = Field(default_factory=RebalanceArgs)
     device: Literal["cpu", "cuda"] = "cpu"
+    transport: Literal["auto", "sockets", "collective"] = Field(
+        "auto",
+        description="how the dispatcher's rows travel between workers: auto is sockets on CPUs (Unix on "
+        "one host, TCP across hosts) and NCCL on GPUs; collective is torch.distributed's (gloo on CPUs)",
+    )
     cpus_per_worker: float | None = Field(None, gt=0, description="None: share the cluster's CPUs")
     engine: EngineArgs = Field(default_factory=EngineArgs)
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
@@ -270,6 +275,7 @@ class ServeAppConfig(BaseModel):
             redundant_slots_per_worker=self.redundant_slots,
             device=self.device,
             cpus_per_worker=self.cpus_per_worker,
+            transport=self.transport,
             rebalance=self.rebalance.to_config(),
             num_vision_workers=self.vision_workers,
         )

@@ -117,6 +117,13 @@ def _add_layout_arguments(p: argparse.ArgumentParser) -> None:
         help="CPUs each worker reserves (default: share the cluster's); leave room to add workers",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="workers' device")
+    p.add_argument(
+        "--transport",
+        choices=("auto", "sockets", "collective"),
+        default="auto",
+        help="how rows travel between workers: auto is sockets on CPUs, NCCL on GPUs; collective is "
+        "torch.distributed's (gloo on CPUs)",
+    )
 
 
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -278,6 +285,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         },
         cpus_per_worker=args.cpus_per_worker,
         device=args.device,
+        transport=args.transport,
         engine=_engine_args(args),
         max_pending=args.max_pending,
         stream_interval=args.stream_interval,

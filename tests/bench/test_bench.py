@@ -80,8 +80,11 @@ def test_bench_dispatch(capsys):
     for r in figures["results"]:
         for key in ("all_to_all_ms", "dispatch_ms", "dispatch_with_compute_ms", "expert_compute_ms"):
             assert r[key] > 0
+        for key in ("sockets_ms", "sockets_with_compute_ms", "collective_vs_sockets"):
+            assert r[key] > 0
         assert r["overhead_vs_all_to_all"] > 0
     assert figures["overhead_vs_all_to_all"] == max(r["overhead_vs_all_to_all"] for r in figures["results"])
+    assert figures["collective_vs_sockets"] == min(r["collective_vs_sockets"] for r in figures["results"])
 
 
 def test_bench_kv_accounts_the_layer_mix(capsys):

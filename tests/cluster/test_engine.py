@@ -1,4 +1,4 @@
-"""The disaggregated engine on a real local Ray instance with gloo process groups."""
+"""The disaggregated engine on a real local Ray instance: socket meshes, and gloo groups once."""
 
 from __future__ import annotations
 
@@ -35,24 +35,28 @@ def references(tiny_maverick, tiny_scout):
 # Each layout once, on the preset where it has most to show: one worker, an even split of
 # maverick's 128 experts, an uneven split under both presets, and scout's 16
 # experts over 8 workers, where every layer is MoE. Each case starts m + n actors: ~3-5 s each here.
+# The default transport on CPUs is sockets; one case goes through gloo collectives instead.
 LAYOUTS = [
-    ("tiny-maverick", 1, 1),
-    ("tiny-maverick", 1, 4),
-    ("tiny-maverick", 2, 3),
-    ("tiny-scout", 2, 3),
-    ("tiny-scout", 2, 8),
+    ("tiny-maverick", 1, 1, "auto"),
+    ("tiny-maverick", 1, 4, "auto"),
+    ("tiny-maverick", 2, 3, "auto"),
+    ("tiny-scout", 2, 3, "auto"),
+    ("tiny-scout", 2, 3, "collective"),
+    ("tiny-scout", 2, 8, "auto"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("preset", "m", "n"), LAYOUTS)
-def test_greedy_tokens_equal_single_process(ray_session, references, preset, m, n, request):
+@pytest.mark.parametrize(("preset", "m", "n", "transport"), LAYOUTS)
+def test_greedy_tokens_equal_single_process(ray_session, references, preset, m, n, transport, request):
     ckpt = request.getfixturevalue(preset.replace("-", "_"))
-    with ClusterEngine(ckpt, ClusterConfig(m, n), ENGINE) as engine:
+    with ClusterEngine(ckpt, ClusterConfig(m, n, transport=transport), ENGINE) as engine:
         got = run_with_late_arrivals(engine, PROMPTS, LATE, PARAMS, arrival_steps=(4, 7))
         stats = engine.stats()
     assert got == references[ckpt]
     assert_rows_exactly_once(stats, m)
+    used = {w["transport"] for w in stats["attention"] + stats["experts"]}
+    assert used == {"sockets (unix)" if transport == "auto" else "collective (gloo)"}
 
 
 def assert_rows_exactly_once(stats: dict, num_attention: int) -> None:
@@ -107,6 +111,8 @@ def _alive(pid: int) -> bool:
         ({"num_expert_workers": 0}, "expert workers must be >= 1"),
         ({"device": "tpu"}, "unknown device 'tpu'"),
         ({"placement_strategy": "RANDOM"}, "unknown placement strategy"),
+        ({"transport": "mpi"}, "unknown transport 'mpi'"),
+        ({"transport": "sockets", "device": "cuda"}, "sockets transport carries CPU tensors only"),
     ],
 )
 def test_bad_cluster_arguments(kwargs, message):

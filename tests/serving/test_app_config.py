@@ -31,6 +31,15 @@ def test_defaults_are_one_attention_and_two_expert_workers():
     cfg = ServeAppConfig()
     assert (cfg.attention_workers, cfg.expert_workers) == (1, 2)
     assert cfg.cluster_config().num_workers == 3
+    assert cfg.cluster_config().transport == "auto"
+
+
+def test_the_transport_reaches_the_cluster_and_sockets_refuse_gpus():
+    assert ServeAppConfig(transport="collective").cluster_config().transport == "collective"
+    with pytest.raises(ValidationError, match="sockets transport carries CPU tensors only"):
+        ServeAppConfig(transport="sockets", device="cuda")
+    with pytest.raises(ValidationError, match="transport"):
+        ServeAppConfig(transport="shm")
 
 
 @pytest.mark.parametrize(
