@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bench.gpu_args import add_gpu_arguments
 from bench.serve import add_bench_serve_parser
+from router.transport import TRANSPORTS
 from serving.cli import add_parallel_min_tokens, count_type
 
 
@@ -85,6 +86,14 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _transports(text: str) -> tuple[str, ...]:
+    values = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in values if t not in TRANSPORTS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"need transports from {', '.join(TRANSPORTS)}, got {text!r}")
+    return values
+
+
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (print a table, then one JSON line)")
     bench = p.add_subparsers(dest="bench", required=True)
@@ -125,6 +134,12 @@ def _add_overhead_parser(bench: argparse._SubParsersAction) -> None:
     o.add_argument("--prompt-len", type=int, default=16)
     o.add_argument("--reps", type=int, default=2, help="runs per batch; the fastest counts")
     o.add_argument("--expert-workers", type=int, default=2, help="cluster row: expert workers (0: skip)")
+    o.add_argument(
+        "--transports",
+        type=_transports,
+        default=("auto",),
+        help="a cluster row per transport: auto (sockets on CPUs), collective (gloo); e.g. auto,collective",
+    )
     o.set_defaults(func=_overhead)
 
 
@@ -134,7 +149,8 @@ def _add_serve_compare_parser(bench: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--servers",
         default="vllm,single,default",
-        help="in order: vllm, single, colocated, default; ours take a stream interval, single:4 "
+        help="in order: vllm, single, colocated, default, default-gloo (over gloo collectives); ours "
+        "take a stream interval, single:4 "
         "(%(default)s)",
     )
     c.add_argument("--num-prompts", type=count_type("--num-prompts", 1), default=32)

@@ -86,10 +86,17 @@ def _row(walls: Sequence[float], math_s: float, ranks: Sequence[float] = ()) -> 
 
 
 def measure(
-    model: Path, batch: int, new_tokens: int, prompt_len: int, expert_workers: int, reps: int
+    model: Path,
+    batch: int,
+    new_tokens: int,
+    prompt_len: int,
+    expert_workers: int,
+    reps: int,
+    transports: Sequence[str] = ("auto",),
 ) -> dict[str, dict[str, float]]:
     """Median step, math and overhead (ms) of the single-process engine, and of the cluster
-    (1 attention worker + `expert_workers`; 0 skips it), fastest of `reps` runs each."""
+    (1 attention worker + `expert_workers`; 0 skips it) once per transport, fastest of `reps`
+    runs each."""
     prompts = _prompts(batch, prompt_len)
     cfg = EngineConfig(token_budget=max(512, batch * prompt_len), max_num_seqs=max(64, batch))
     local = LLMEngine.from_checkpoint(model, cfg)
@@ -100,37 +107,48 @@ def measure(
     walls = min((r["wall_s"] for r in runs), key=statistics.median)
     math_s = min(statistics.median(r["math_s"]) for r in runs)
     rows = {"single process": _row(walls, math_s)}
-    if expert_workers:
+    for transport in transports if expert_workers else ():
         with contextlib.ExitStack() as stack:
-            cluster = stack.enter_context(ClusterEngine(model, ClusterConfig(1, expert_workers), cfg))
+            config = ClusterConfig(1, expert_workers, transport=transport)
+            cluster = stack.enter_context(ClusterEngine(model, config, cfg))
             decode_steps(cluster, prompts, 3, None)
             runs = [decode_steps(cluster, prompts, new_tokens, None) for _ in range(reps)]
             fastest = min(runs, key=lambda r: statistics.median(r["wall_s"]))
-            name = f"cluster (1 attn + {expert_workers} expert)"
+            name = f"cluster (1 attn + {expert_workers} expert, {transport})"
             rows[name] = _row(fastest["wall_s"], math_s, fastest["rank_s"])
     return rows
+
+
+def _key(name: str) -> str:
+    """The JSON keys' prefix of a row: engine, cluster (the default transport), cluster_collective."""
+    if name == "single process":
+        return "engine"
+    transport = name.rsplit(", ", 1)[1].rstrip(")")
+    return "cluster" if transport == "auto" else f"cluster_{transport}"
 
 
 def cmd_overhead(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else default_checkpoint(BENCH_PRESET)
     figures: dict[str, Any] = {"new_tokens": args.new_tokens, "prompt_len": args.prompt_len}
     print(f"decode step time outside the model's math (median of the steps, fastest of {args.reps}), {model}")
-    print(f"{'engine':<34} {'batch':>5} {'step ms':>9} {'math ms':>9} {'overhead ms':>12} {'share':>6}")
+    print(f"{'engine':<44} {'batch':>5} {'step ms':>9} {'math ms':>9} {'overhead ms':>12} {'share':>6}")
     for batch in args.batch:
-        rows = measure(model, batch, args.new_tokens, args.prompt_len, args.expert_workers, args.reps)
+        rows = measure(
+            model, batch, args.new_tokens, args.prompt_len, args.expert_workers, args.reps, args.transports
+        )
         for name, r in rows.items():
             share = r["overhead_ms"] / r["step_ms"]
             print(
-                f"{name:<34} {batch:>5} {r['step_ms']:>9.2f} {r['math_ms']:>9.2f} "
+                f"{name:<44} {batch:>5} {r['step_ms']:>9.2f} {r['math_ms']:>9.2f} "
                 f"{r['overhead_ms']:>12.2f} {share:>6.0%}"
             )
-            key = "engine" if name == "single process" else "cluster"
+            key = _key(name)
             figures[f"{key}_overhead_ms_b{batch}"] = round(r["overhead_ms"], 3)
             figures[f"{key}_step_ms_b{batch}"] = round(r["step_ms"], 3)
             if "rank_step_ms" in r:  # the rest of the cluster's step: the Ray call and the driver
                 rank, hop = r["rank_step_ms"], r["step_ms"] - r["rank_step_ms"]
-                print(f"{'':<40} of it: the attention rank's own step {rank:.2f} ms, Ray + driver {hop:.2f}")
-                figures[f"cluster_rank_step_ms_b{batch}"] = round(rank, 3)
-                figures[f"cluster_call_ms_b{batch}"] = round(hop, 3)
+                print(f"{'':<50} of it: the attention rank's own step {rank:.2f} ms, Ray + driver {hop:.2f}")
+                figures[f"{key}_rank_step_ms_b{batch}"] = round(rank, 3)
+                figures[f"{key}_call_ms_b{batch}"] = round(hop, 3)
     print(json.dumps(figures))
     return 0

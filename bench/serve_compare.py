@@ -28,6 +28,7 @@ from model.synthetic import default_checkpoint
 
 START_TIMEOUT_S = 600.0  # vLLM compiles for a minute or two on 2 cores; ours loads in about one
 WARMUP_PROMPTS = 8
+OURS = ("single", "colocated", "default", "default-gloo")  # default-gloo: the default over gloo collectives
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,9 @@ def servers(args: argparse.Namespace, model: Path, setup: PeerSetup) -> list[Ser
         if name == "vllm" and not interval:
             out.append(_vllm(setup, model, port))
             continue
-        if name not in ("single", "colocated", "default") or (interval and not interval.isdigit()):
+        if name not in OURS or (interval and not interval.isdigit()):
             raise ValueError(
-                f"--servers: unknown server {item!r}; choose from vllm, single, colocated, default "
+                f"--servers: unknown server {item!r}; choose from vllm, {', '.join(OURS)} "
                 "(ours with a stream interval: single:4)"
             )
         ours = [sys.executable, "-m", "cli.main", "serve", "--model", str(model), "--http-port", port]
@@ -63,13 +64,16 @@ def servers(args: argparse.Namespace, model: Path, setup: PeerSetup) -> list[Ser
             "--stream-interval",
             interval or str(args.stream_interval),
         ]
-        key = f"{name}_si{interval}" if interval else name
+        key = (f"{name}_si{interval}" if interval else name).replace("-", "_")
         held = f", stream interval {interval}" if interval else ""
         if name == "single":
             out.append(Server(key, f"llama4-ep single-process{held}", [*ours, "--expert-workers", "0"], {}))
         elif name == "colocated":
             colocated = [*ours, "--expert-workers", "0", "--colocate-ingress"]
             out.append(Server(key, f"llama4-ep single-process, ingress in its replica{held}", colocated, {}))
+        elif name == "default-gloo":
+            gloo = [*ours, "--transport", "collective"]
+            out.append(Server(key, f"llama4-ep 1 attention + 2 expert workers, gloo{held}", gloo, {}))
         else:
             out.append(Server(key, f"llama4-ep 1 attention + 2 expert workers{held}", ours, {}))
     return out

@@ -35,11 +35,15 @@ def test_servers_in_the_order_asked_with_our_flags(tmp_path):
 
 
 def test_a_stream_interval_per_server(tmp_path):
-    single, four, colocated = servers(
-        args(servers="single,single:4,colocated"), tmp_path, PeerSetup(scripts=tmp_path, root=tmp_path)
+    single, four, colocated, gloo = servers(
+        args(servers="single,single:4,colocated,default-gloo:2"),
+        tmp_path,
+        PeerSetup(scripts=tmp_path, root=tmp_path),
     )
-    assert (single.key, four.key, colocated.key) == ("single", "single_si4", "colocated")
+    keys = (single.key, four.key, colocated.key, gloo.key)
+    assert keys == ("single", "single_si4", "colocated", "default_gloo_si2")
     assert colocated.command[-3:] == ["--expert-workers", "0", "--colocate-ingress"]
+    assert gloo.command[-2:] == ["--transport", "collective"] and "--expert-workers" not in gloo.command
     assert four.command[four.command.index("--stream-interval") + 1] == "4"
     assert single.command[single.command.index("--stream-interval") + 1] == "1"
 
