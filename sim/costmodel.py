@@ -106,6 +106,8 @@ H200 = replace(H100_SXM, name="h200", mem_bandwidth=4.8e12, mem_bytes=141 * GB) 
 # (1 thread) and fitted the fixed costs to a real ClusterEngine (tiny-maverick, 1 attention + 2 and
 # 4 expert workers); see docs/simulator.md. One host: every link is "intra-node" (gloo over
 # loopback, priced as a memory copy), and a collective's cost grows with the number of peers.
+# Fitted with gloo collectives, what the cluster used then (now `transport="collective"`); the
+# sockets transport, the default on CPUs since, costs less per exchange and is not fitted here.
 CPU_2CORE = Hardware(
     name="cpu",
     peak_flops=6.5e9,
