@@ -8,6 +8,7 @@ call per step (`step`), carrying the requests that join and the ones cancelled.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -67,9 +68,14 @@ class AttentionWorker(ProcessGroupMember):
         engine_cfg: EngineConfig,
         device: str,
         load_vision: bool = True,
+        threads: int = 1,
     ) -> None:
-        """`load_vision`: encode the images of this rank's requests here (no vision tier)."""
+        """`load_vision`: encode the images of this rank's requests here (no vision tier).
+        `threads`: intra-op threads on a CPU (`cluster.placement_groups.attention_threads`);
+        LLAMA4_EP_ATTENTION_THREADS overrides it."""
         super().__init__(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(int(os.environ.get("LLAMA4_EP_ATTENTION_THREADS", threads)))
         self.dp_rank = dp_rank
         dtype = resolve_dtype(engine_cfg.dtype, self.device)
         with CheckpointReader(Path(model_dir)) as reader:
@@ -188,6 +194,7 @@ class AttentionWorker(ProcessGroupMember):
             "dp_rank": self.dp_rank,
             "epoch": self.epoch,
             "transport": self.transport_in_use(),
+            "threads": torch.get_num_threads(),
             # this epoch's rows, over the steps that completed (the row-count invariant is per epoch)
             "rows_sent_per_layer": dict(self.dispatcher.sent.per_layer),
             "rows_returned_per_layer": dict(self.dispatcher.returned.per_layer),

@@ -31,7 +31,7 @@ from cluster.attention_worker import AttentionWorker, StepInput, StepResult
 from cluster.config import ClusterConfig
 from cluster.expert_worker import ExpertWorker
 from cluster.membership import Command, HeaderBoard
-from cluster.placement_groups import bundles_in, reserve
+from cluster.placement_groups import attention_threads, bundles_in, node_cpus, reserve
 from cluster.rebalancer import Rebalancer
 from cluster.recovery import ClusterUnavailable, FaultStats, Recovery, StepOutcome, await_step
 from cluster.resize import Bundle, Resizer
@@ -125,6 +125,7 @@ class ClusterEngine:
                 self.engine_cfg,
                 c.device,
                 load_vision=c.num_vision_workers == 0,
+                threads=attention_threads(c, m, node_cpus(bundle_nodes[offset + r])),
             )
             for r in range(m)
         ]

@@ -29,6 +29,28 @@ def bundles(cluster: ClusterConfig, cpus_available: float, gpus_available: float
     return [{"CPU": share} for _ in range(n)]
 
 
+def attention_threads(cluster: ClusterConfig, num_attention: int, node_cpus: float) -> int:
+    """Intra-op threads of an attention worker on CPUs.
+
+    A step runs in turns: the expert workers compute while the attention ranks wait for their rows,
+    and wait while the attention ranks run the rest of the layers and the lm_head. So an attention
+    worker may use its node's cores, shared with the other attention ranks of the layout (all
+    assumed on one node, as PACK puts them); the layer stack still measures whether a second thread
+    pays (`attention.threads`). A fixed `cpus_per_worker` is its size. Expert workers keep one
+    thread (`LLAMA4_EP_WORKER_THREADS`): several of them compute at once."""
+    if cluster.cpus_per_worker is not None:
+        return max(1, math.floor(cluster.cpus_per_worker))
+    return max(1, math.floor(node_cpus / num_attention))
+
+
+def node_cpus(node_id: str) -> float:
+    """The CPUs a Ray node has (0 for one Ray does not list alive)."""
+    for node in ray.nodes():
+        if node["NodeID"] == node_id and node.get("Alive", True):
+            return float(node["Resources"].get("CPU", 0.0))
+    return 0.0
+
+
 def bundles_in(group: PlacementGroup, offset: int, num_workers: int) -> list[dict[str, float]]:
     """The workers' bundles in an existing group, from index `offset` (e.g. a Serve replica's
     group, whose bundle 0 holds the replica)."""

@@ -34,6 +34,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.attention_worker import AttentionWorker
 from cluster.expert_worker import ExpertWorker
 from cluster.membership import Command
+from cluster.placement_groups import attention_threads, node_cpus
 from router.layout import RankLayout
 from router.placement import Placement
 from router.recovery import grow, shrink, survivor_changes
@@ -259,8 +260,16 @@ class Resizer:
         c = e.cluster
         for i, bundle in enumerate(plan.bundles[: len(plan.bundles) - num_new_experts]):
             rank = len(e.attention) + i
+            threads = attention_threads(c, plan.num_attention, node_cpus(nodes[i]))
             w = attn_cls.options(**bundle.options()).remote(
-                e.model_dir, rank, layout, placement, e.engine_cfg, c.device
+                e.model_dir,
+                rank,
+                layout,
+                placement,
+                e.engine_cfg,
+                c.device,
+                load_vision=c.num_vision_workers == 0,
+                threads=threads,
             )
             plan.new_attention.append(w)
         for i, bundle in enumerate(expert_bundles):

@@ -9,6 +9,7 @@ import pytest
 
 from cluster.config import ClusterConfig
 from cluster.engine import ClusterEngine
+from cluster.placement_groups import attention_threads
 from engine.core import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.protocol import Engine
@@ -57,6 +58,8 @@ def test_greedy_tokens_equal_single_process(ray_session, references, preset, m, 
     assert_rows_exactly_once(stats, m)
     used = {w["transport"] for w in stats["attention"] + stats["experts"]}
     assert used == {"sockets (unix)" if transport == "auto" else "collective (gloo)"}
+    # the test's Ray instance has 2 CPUs: one attention rank takes both, two take one each
+    assert [a["threads"] for a in stats["attention"]] == [2 // m] * m
 
 
 def assert_rows_exactly_once(stats: dict, num_attention: int) -> None:
@@ -118,6 +121,15 @@ def _alive(pid: int) -> bool:
 def test_bad_cluster_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ClusterConfig(**kwargs)
+
+
+def test_attention_threads_share_the_node_or_take_the_fixed_size():
+    assert attention_threads(ClusterConfig(1, 2), 1, node_cpus=2.0) == 2
+    assert attention_threads(ClusterConfig(2, 2), 2, node_cpus=2.0) == 1
+    assert attention_threads(ClusterConfig(3, 2), 3, node_cpus=2.0) == 1  # never 0
+    assert attention_threads(ClusterConfig(1, 2), 1, node_cpus=0.0) == 1  # a node Ray no longer lists
+    assert attention_threads(ClusterConfig(1, 2, cpus_per_worker=0.25), 1, node_cpus=16.0) == 1
+    assert attention_threads(ClusterConfig(1, 2, cpus_per_worker=4.0), 1, node_cpus=16.0) == 4
 
 
 def test_more_expert_workers_than_experts(tiny_scout):
