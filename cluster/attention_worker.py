@@ -57,6 +57,21 @@ class StepResult:
     layer_threads: dict[int, int] = field(default_factory=dict)  # auto's choice per size of step
     seconds: float = 0.0  # the step on this rank, from its call arriving to its result
 
+    def __getstate__(self) -> dict:
+        """The loads travel as numpy arrays: Ray pickles a torch tensor through torch.save, about
+        20x the time of a numpy array (180 against 10 us for this pair, once a step each way)."""
+        state = dict(self.__dict__)
+        for name in ("expert_load", "slot_load"):
+            if state[name] is not None:
+                state[name] = state[name].numpy()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for name in ("expert_load", "slot_load"):
+            if state[name] is not None:
+                state[name] = torch.from_numpy(state[name].copy())  # Ray's zero-copy arrays are read-only
+        self.__dict__.update(state)
+
 
 class AttentionWorker(ProcessGroupMember):
     def __init__(

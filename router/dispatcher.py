@@ -168,9 +168,9 @@ class AttentionDispatcher:
         m = self.moe_index[layer_idx]
         route = self.route(m, expert_idx)
         self._count_load(m, expert_idx, route.counts)
-        self.transport.send(route.counts[self.layout.first_expert_key :], self.count_splits)
         rows = routed_in.index_select(0, route.order)  # a third of advanced indexing's cost on CPU
-        work = self.transport.send(rows, route.splits, async_op=True)
+        counts = route.counts[self.layout.first_expert_key :]
+        work = self.transport.send_parts([(counts, self.count_splits), (rows, route.splits)])
         self.step_sent.add(m, rows.shape[0])
         self.current_layer = m
         return PendingRows(self, route.order, route.splits, work, rows.shape[0], routed_in)

@@ -4,7 +4,8 @@ Every exchange of the dispatcher's protocol goes one way: attention ranks send c
 to the expert ranks, the expert ranks send results back, and both sides know every part's size
 before it travels. So a transport has two calls: `send(x, splits)` (x's rows split by destination
 rank, in rank order) and `recv(out, splits)` (rows from each source rank, in rank order). A part
-of size 0 is no message.
+of size 0 is no message. `send_parts` sends several tensors so, one after the other per
+destination (the counts and then the rows of a MoE layer): over sockets one `sendmsg` each.
 
 - `CollectiveTransport` makes each call one `all_to_all_single` of the whole world (the other
   side's splits are zeros): NCCL on GPUs, where GPU tensors have to travel that way; gloo on CPUs
@@ -71,6 +72,13 @@ class CollectiveTransport:
         return dist.all_to_all_single(
             empty, x, output_split_sizes=self._zeros, input_split_sizes=list(splits), async_op=async_op
         )
+
+    def send_parts(self, parts: Sequence[tuple[torch.Tensor, Sequence[int]]]) -> dist.Work | None:
+        """One collective per part; the last one async (what it returns)."""
+        *first, (last, last_splits) = parts
+        for x, splits in first:
+            self.send(x, splits)
+        return self.send(last, last_splits, async_op=True)
 
     def recv(self, out: torch.Tensor, splits: Sequence[int]) -> None:
         empty = out.new_empty((0, *out.shape[1:]))
@@ -140,15 +148,24 @@ class SocketTransport:
     def send(self, x: torch.Tensor, splits: Sequence[int], async_op: bool = False) -> None:
         """x's rows, splits[r] of them to rank r in rank order. Returns once the kernel holds them
         (the part's bytes fit the socket's buffer) or the peer has read them: nothing to wait on."""
-        data, row = _bytes(x), _row_bytes(x)
-        start = 0
-        for r, n in enumerate(splits):
-            if n:
-                try:
-                    self._conn(r).sendall(data[start * row : (start + n) * row])
-                except TimeoutError:
-                    raise TimeoutError(self._late(r, "take")) from None
-            start += n
+        self.send_parts([(x, splits)])
+
+    def send_parts(self, parts: Sequence[tuple[torch.Tensor, Sequence[int]]]) -> None:
+        """Each part as `send` would, but one `sendmsg` per destination for all its parts (the
+        receiver reads them with one `recv` each, in the same order)."""
+        pieces: dict[int, list[memoryview]] = {}
+        for x, splits in parts:
+            data, row = _bytes(x), _row_bytes(x)
+            start = 0
+            for r, n in enumerate(splits):
+                if n:
+                    pieces.setdefault(r, []).append(data[start * row : (start + n) * row])
+                start += n
+        for r, views in pieces.items():
+            try:
+                _send_all(self._conn(r), views)
+            except TimeoutError:
+                raise TimeoutError(self._late(r, "take")) from None
 
     def recv(self, out: torch.Tensor, splits: Sequence[int]) -> None:
         """splits[r] rows from each rank r, in rank order, into out (contiguous, on the CPU)."""
@@ -261,6 +278,17 @@ def _accept(listeners: list[socket.socket], expected: set[int], deadline: float)
                 _size_buffers(c)
                 conns[peer] = c
     return conns
+
+
+def _send_all(conn: socket.socket, views: list[memoryview]) -> None:
+    """`sendmsg` of the views, then whatever it did not take (a part larger than the buffer)."""
+    sent = conn.sendmsg(views)
+    for v in views:
+        if sent >= len(v):
+            sent -= len(v)
+            continue
+        conn.sendall(v[sent:])
+        sent = 0
 
 
 def _read_exactly(c: socket.socket, n: int) -> bytes:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
 import time
 
 import pytest
+import torch
 
+from cluster.attention_worker import StepResult
 from cluster.config import ClusterConfig
 from cluster.engine import ClusterEngine
 from cluster.placement_groups import attention_threads
@@ -121,6 +124,16 @@ def _alive(pid: int) -> bool:
 def test_bad_cluster_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ClusterConfig(**kwargs)
+
+
+def test_a_step_result_carries_its_loads_as_numpy_and_gets_tensors_back():
+    load = torch.arange(6).view(2, 3)
+    result = StepResult(0, (), expert_load=load, slot_load=load * 2, seconds=0.5)
+    data = pickle.dumps(result, protocol=5)
+    assert b"_rebuild_tensor" not in data  # not torch.save's path
+    back = pickle.loads(data)
+    assert torch.equal(back.expert_load, load) and torch.equal(back.slot_load, load * 2)
+    assert back.seconds == 0.5 and pickle.loads(pickle.dumps(StepResult(1, ()))).slot_load is None
 
 
 def test_attention_threads_share_the_node_or_take_the_fixed_size():

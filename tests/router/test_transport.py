@@ -93,6 +93,30 @@ def test_rows_arrive_exactly_split_by_rank(unix, dtype):
         t.close()
 
 
+def test_parts_go_in_one_message_per_destination_even_past_the_socket_buffer():
+    ranks = mesh(STAR)
+    counts = torch.tensor([5, 7], dtype=torch.long)
+    rows = torch.randn(3000, 1024)  # 12 MB: more than one sendmsg takes
+
+    def attention():
+        ranks[0].send_parts([(counts, [0, 1, 1]), (rows, [0, 1000, 2000])])
+        return True
+
+    def expert(r: int, n: int):
+        def receive():
+            count, got = torch.empty(1, dtype=torch.long), torch.empty(n, 1024)
+            ranks[r].recv(count, [1, 0, 0])
+            ranks[r].recv(got, [n, 0, 0])
+            return count.item(), got
+
+        return receive
+
+    got = run_ranks({0: attention, 1: expert(1, 1000), 2: expert(2, 2000)})
+    assert got[0] is True
+    assert got[1][0] == 5 and torch.equal(got[1][1], rows[:1000])
+    assert got[2][0] == 7 and torch.equal(got[2][1], rows[1000:])
+
+
 def test_a_part_of_size_zero_is_no_message():
     ranks = mesh(STAR)
     x = torch.arange(4.0).view(2, 2)
