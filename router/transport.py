@@ -99,16 +99,12 @@ class SocketTransport:
         self.timeout_s = timeout_s
         self._conns = conns
 
-    @property
-    def peers(self) -> tuple[int, ...]:
-        return tuple(sorted(self._conns))
-
     def kinds(self) -> dict[int, str]:
         """Each peer's socket family: "unix" or "tcp"."""
         return {p: "unix" if c.family == socket.AF_UNIX else "tcp" for p, c in sorted(self._conns.items())}
 
     def describe(self) -> str:
-        """"sockets (unix)", "sockets (tcp)" or "sockets (tcp, unix)": the families in use."""
+        """The socket families in use: `sockets (unix)`, `sockets (tcp)` or `sockets (tcp, unix)`."""
         return f"sockets ({', '.join(sorted(set(self.kinds().values()))) or 'no peers'})"
 
     @classmethod
