@@ -162,6 +162,8 @@ class SocketTransport:
                 _send_all(self._conn(r), views)
             except TimeoutError:
                 raise TimeoutError(self._late(r, "take")) from None
+            except (BrokenPipeError, ConnectionResetError) as e:
+                raise self._gone(r, e) from None
 
     def recv(self, out: torch.Tensor, splits: Sequence[int]) -> None:
         """splits[r] rows from each rank r, in rank order, into out (contiguous, on the CPU)."""
@@ -187,9 +189,14 @@ class SocketTransport:
                 n = conn.recv_into(view)
             except TimeoutError:
                 raise TimeoutError(self._late(r, "send")) from None
+            except ConnectionResetError as e:
+                raise self._gone(r, e) from None
             if n == 0:
                 raise ConnectionError(f"rank {r} closed its connection to rank {self.rank} (it is gone)")
             view = view[n:]
+
+    def _gone(self, r: int, e: OSError) -> ConnectionError:
+        return ConnectionError(f"the connection from rank {self.rank} broke ({e.strerror}): rank {r} is gone")
 
     def _conn(self, r: int) -> socket.socket:
         try:

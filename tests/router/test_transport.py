@@ -158,6 +158,19 @@ def test_a_peer_that_closes_fails_the_blocked_receive_at_once():
     assert waited < TIMEOUT_S / 2  # not the timeout: the close woke it
 
 
+@pytest.mark.parametrize("unix", [True, False])
+def test_a_peer_that_goes_with_data_unread_is_named_too(unix):
+    """Closing with unread bytes resets the connection (ECONNRESET on the other side), which must
+    read like a peer that is gone, not like an OS error."""
+    ranks = mesh(STAR, unix=unix)
+    ranks[0].send(torch.ones(2, 4), [0, 2, 0])  # rank 1 never reads it
+    ranks[1].close()
+    with pytest.raises(ConnectionError, match=r"rank 1 is gone|rank 1 closed its connection to rank 0"):
+        for _ in range(100):  # a send can still land in the buffer before the reset arrives
+            ranks[0].send(torch.ones(2, 4), [0, 2, 0])
+            ranks[0].recv(torch.empty(1, 4), [0, 1, 0])
+
+
 def test_a_stalled_peer_times_out_with_the_ranks_named():
     ranks = mesh(STAR, timeout_s=0.5)
     with pytest.raises(TimeoutError, match=r"rank 0 did not send rank 2's data within 0.5 s"):
