@@ -3,6 +3,8 @@ releases the GIL), over Unix and TCP sockets; a peer that closes or stalls fails
 
 from __future__ import annotations
 
+import functools
+import itertools
 import threading
 import time
 
@@ -13,18 +15,31 @@ import torch.distributed as dist
 from router.transport import SocketTransport, resolve_transport
 
 TIMEOUT_S = 20.0
+EPOCHS = itertools.count()
+
+
+@functools.cache
+def master() -> dist.TCPStore:
+    """One store for the module, as the driver's lives as long as its engine (a client of a
+    store made right after others were dropped took 5 s to connect here)."""
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+
+@functools.cache
+def client(rank: int) -> dist.TCPStore:
+    return dist.TCPStore("127.0.0.1", master().port, is_master=False)
 
 
 def mesh(peers: dict[int, range], unix: bool = True, timeout_s: float = TIMEOUT_S) -> dict:
     """Every rank's transport, joined concurrently as the cluster's workers join (each with a
-    client of its own: a store client serves one call at a time)."""
-    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    client of its own: a store client serves one call at a time), under a fresh prefix."""
+    prefix = f"epoch{next(EPOCHS)}/"
+    clients = {r: client(r) for r in peers}
     out, errors = {}, []
 
     def join(rank: int) -> None:
         try:
-            client = dist.TCPStore("127.0.0.1", master.port, is_master=False)
-            store = dist.PrefixStore("epoch0/", client)
+            store = dist.PrefixStore(prefix, clients[rank])
             out[rank] = SocketTransport.connect(store, rank, peers[rank], timeout_s, unix=unix)
         except Exception as e:  # reported below
             errors.append(e)
