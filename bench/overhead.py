@@ -96,7 +96,8 @@ def measure(
 ) -> dict[str, dict[str, float]]:
     """Median step, math and overhead (ms) of the single-process engine, and of the cluster
     (1 attention worker + `expert_workers`; 0 skips it) once per transport, fastest of `reps`
-    runs each."""
+    runs each; keyed by their JSON prefix (engine, cluster for the default transport,
+    cluster_collective), each with its table name."""
     prompts = _prompts(batch, prompt_len)
     cfg = EngineConfig(token_budget=max(512, batch * prompt_len), max_num_seqs=max(64, batch))
     local = LLMEngine.from_checkpoint(model, cfg)
@@ -106,7 +107,7 @@ def measure(
     runs = [decode_steps(local, prompts, new_tokens, timer) for _ in range(reps)]
     walls = min((r["wall_s"] for r in runs), key=statistics.median)
     math_s = min(statistics.median(r["math_s"]) for r in runs)
-    rows = {"single process": _row(walls, math_s)}
+    rows = {"engine": {"name": "single process", **_row(walls, math_s)}}
     for transport in transports if expert_workers else ():
         with contextlib.ExitStack() as stack:
             config = ClusterConfig(1, expert_workers, transport=transport)
@@ -115,16 +116,9 @@ def measure(
             runs = [decode_steps(cluster, prompts, new_tokens, None) for _ in range(reps)]
             fastest = min(runs, key=lambda r: statistics.median(r["wall_s"]))
             name = f"cluster (1 attn + {expert_workers} expert, {transport})"
-            rows[name] = _row(fastest["wall_s"], math_s, fastest["rank_s"])
+            key = "cluster" if transport == "auto" else f"cluster_{transport}"
+            rows[key] = {"name": name, **_row(fastest["wall_s"], math_s, fastest["rank_s"])}
     return rows
-
-
-def _key(name: str) -> str:
-    """The JSON keys' prefix of a row: engine, cluster (the default transport), cluster_collective."""
-    if name == "single process":
-        return "engine"
-    transport = name.rsplit(", ", 1)[1].rstrip(")")
-    return "cluster" if transport == "auto" else f"cluster_{transport}"
 
 
 def cmd_overhead(args: argparse.Namespace) -> int:
@@ -136,13 +130,12 @@ def cmd_overhead(args: argparse.Namespace) -> int:
         rows = measure(
             model, batch, args.new_tokens, args.prompt_len, args.expert_workers, args.reps, args.transports
         )
-        for name, r in rows.items():
+        for key, r in rows.items():
             share = r["overhead_ms"] / r["step_ms"]
             print(
-                f"{name:<44} {batch:>5} {r['step_ms']:>9.2f} {r['math_ms']:>9.2f} "
+                f"{r['name']:<44} {batch:>5} {r['step_ms']:>9.2f} {r['math_ms']:>9.2f} "
                 f"{r['overhead_ms']:>12.2f} {share:>6.0%}"
             )
-            key = _key(name)
             figures[f"{key}_overhead_ms_b{batch}"] = round(r["overhead_ms"], 3)
             figures[f"{key}_step_ms_b{batch}"] = round(r["step_ms"], 3)
             if "rank_step_ms" in r:  # the rest of the cluster's step: the Ray call and the driver

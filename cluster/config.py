@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from cluster.rendezvous import DEVICES
 from model.config import ModelConfig
 from router.layout import RankLayout, plan_layout
 from router.placement import Placement
 from router.rebalancing import RebalanceConfig
-from router.transport import TRANSPORTS
+from router.transport import resolve_transport
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -74,10 +76,7 @@ class ClusterConfig:
             )
         if self.num_vision_workers < 0:
             raise ValueError(f"vision workers must be >= 0, got {self.num_vision_workers}")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"unknown transport {self.transport!r} (allowed: {', '.join(TRANSPORTS)})")
-        if self.transport == "sockets" and self.device != "cpu":
-            raise ValueError("the sockets transport carries CPU tensors only; on GPUs use auto (NCCL)")
+        resolve_transport(self.transport, torch.device(self.device))  # raises for a bad one
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus per worker must be > 0, got {self.cpus_per_worker}")
 

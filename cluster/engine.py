@@ -43,7 +43,9 @@ from engine.protocol import Completion, generate
 from engine.request import FinishReason, SamplingParams
 from model.config import ModelConfig
 from model.image_processing import ProcessedImage
+from router.layout import RankLayout
 from router.nodes import spread_over_nodes
+from router.placement import Placement
 
 log = logging.getLogger(__name__)
 __all__ = ["ClusterEngine", "ClusterUnavailable", "generate_on_cluster"]
@@ -115,24 +117,12 @@ class ClusterEngine:
         self.placement = spread_over_nodes(self.placement, self.expert_nodes)
         placed = [Bundle(pg, offset + i, dict(spec)) for i, spec in enumerate(specs)]
         self.worker_bundle = dict(specs[0])  # what a worker added later reserves
-        attn_cls, expert_cls = ray.remote(AttentionWorker), ray.remote(ExpertWorker)
         self.attention = [
-            attn_cls.options(**placed[r].options()).remote(
-                self.model_dir,
-                r,
-                self.layout,
-                self.placement,
-                self.engine_cfg,
-                c.device,
-                load_vision=c.num_vision_workers == 0,
-                threads=attention_threads(c, m, node_cpus(bundle_nodes[offset + r])),
-            )
+            self.start_attention(placed[r], r, self.layout, self.placement, bundle_nodes[offset + r])
             for r in range(m)
         ]
         self.experts = [
-            expert_cls.options(**placed[m + w].options()).remote(
-                self.model_dir, w, self.layout, self.placement, self.engine_cfg.dtype, c.device
-            )
+            self.start_expert(placed[m + w], w, self.layout, self.placement)
             for w in range(c.num_expert_workers)
         ]
         workers = self.attention + self.experts
@@ -163,6 +153,34 @@ class ClusterEngine:
         ]
         ray.get([w.stats.remote() for w in workers])  # loaded (a checkpoint without a tower fails here)
         self.vision = VisionTier(workers)
+
+    def start_attention(self, bundle: Bundle, rank: int, layout: RankLayout, placement: Placement, node: str):
+        """An attention worker in `bundle` on `node`, at start or added by a resize: the same
+        settings either way (its threads share the node among the layout's attention ranks)."""
+        c = self.cluster
+        threads = attention_threads(c, layout.num_attention, node_cpus(node))
+        return (
+            ray.remote(AttentionWorker)
+            .options(**bundle.options())
+            .remote(
+                self.model_dir,
+                rank,
+                layout,
+                placement,
+                self.engine_cfg,
+                c.device,
+                load_vision=c.num_vision_workers == 0,
+                threads=threads,
+            )
+        )
+
+    def start_expert(self, bundle: Bundle, idx: int, layout: RankLayout, placement: Placement):
+        """Expert worker `idx` in `bundle`, at start or added by a resize."""
+        return (
+            ray.remote(ExpertWorker)
+            .options(**bundle.options())
+            .remote(self.model_dir, idx, layout, placement, self.engine_cfg.dtype, self.cluster.device)
+        )
 
     def track(self, workers: list) -> list[ray.ObjectRef]:
         """Learn where workers run (refs that complete once each worker is constructed): a hung

@@ -31,10 +31,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.attention_worker import AttentionWorker
-from cluster.expert_worker import ExpertWorker
 from cluster.membership import Command
-from cluster.placement_groups import attention_threads, node_cpus
 from router.layout import RankLayout
 from router.placement import Placement
 from router.recovery import grow, shrink, survivor_changes
@@ -256,28 +253,11 @@ class Resizer:
             ]
         placement = plan.placement or e.placement
         layout = RankLayout(plan.num_attention, plan.num_expert, placement.slots_per_worker)
-        attn_cls, expert_cls = ray.remote(AttentionWorker), ray.remote(ExpertWorker)
-        c = e.cluster
         for i, bundle in enumerate(plan.bundles[: len(plan.bundles) - num_new_experts]):
             rank = len(e.attention) + i
-            threads = attention_threads(c, plan.num_attention, node_cpus(nodes[i]))
-            w = attn_cls.options(**bundle.options()).remote(
-                e.model_dir,
-                rank,
-                layout,
-                placement,
-                e.engine_cfg,
-                c.device,
-                load_vision=c.num_vision_workers == 0,
-                threads=threads,
-            )
-            plan.new_attention.append(w)
+            plan.new_attention.append(e.start_attention(bundle, rank, layout, placement, nodes[i]))
         for i, bundle in enumerate(expert_bundles):
-            idx = len(e.experts) + i
-            w = expert_cls.options(**bundle.options()).remote(
-                e.model_dir, idx, layout, placement, e.engine_cfg.dtype, c.device
-            )
-            plan.new_experts.append(w)
+            plan.new_experts.append(e.start_expert(bundle, len(e.experts) + i, layout, placement))
         for w, bundle in zip(plan.new_attention + plan.new_experts, plan.bundles, strict=True):
             self.bundles[e.key(w)] = bundle
         plan.ready += e.track(plan.new_attention + plan.new_experts)

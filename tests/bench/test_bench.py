@@ -153,47 +153,22 @@ def test_bench_vision_in_process(capsys, tiny_maverick):
     assert figures["prompt_tokens"] > 144  # the image's 144 <|patch|> tokens and the text
 
 
+def bench_overhead(capsys, model, batch: str, *extra: str) -> dict:
+    """`bench overhead` on a tiny model: 3 new tokens after 4-token prompts, one rep."""
+    sizes = ["--batch", batch, "--new-tokens", "3", "--prompt-len", "4", "--reps", "1"]
+    return bench_json(capsys, "overhead", "--model", str(model), *sizes, *extra)
+
+
 def test_bench_overhead_single_process(capsys, tiny_maverick):
-    figures = bench_json(
-        capsys,
-        "overhead",
-        "--model",
-        str(tiny_maverick),
-        "--batch",
-        "1,2",
-        "--new-tokens",
-        "3",
-        "--prompt-len",
-        "4",
-        "--reps",
-        "1",
-        "--expert-workers",
-        "0",
-    )
+    figures = bench_overhead(capsys, tiny_maverick, "1,2", "--expert-workers", "0")
     for batch in (1, 2):
         step, overhead = figures[f"engine_step_ms_b{batch}"], figures[f"engine_overhead_ms_b{batch}"]
         assert 0 < overhead < step  # the math is timed inside the step
 
 
 def test_bench_overhead_a_cluster_row_per_transport(capsys, ray_session, tiny_maverick):
-    figures = bench_json(
-        capsys,
-        "overhead",
-        "--model",
-        str(tiny_maverick),
-        "--batch",
-        "1",
-        "--new-tokens",
-        "3",
-        "--prompt-len",
-        "4",
-        "--reps",
-        "1",
-        "--expert-workers",
-        "1",
-        "--transports",
-        "auto,collective",
-    )
+    extra = ("--expert-workers", "1", "--transports", "auto,collective")
+    figures = bench_overhead(capsys, tiny_maverick, "1", *extra)
     for key in ("cluster", "cluster_collective"):
         step, rank = figures[f"{key}_step_ms_b1"], figures[f"{key}_rank_step_ms_b1"]
         assert 0 < rank < step and figures[f"{key}_call_ms_b1"] == pytest.approx(step - rank, abs=0.01)
