@@ -28,6 +28,9 @@ from model.synthetic import default_checkpoint
 
 START_TIMEOUT_S = 600.0  # vLLM compiles for a minute or two on 2 cores; ours loads in about one
 WARMUP_PROMPTS = 8
+# the warm-up's prompts are drawn with another seed than the measured ones: a server that caches
+# prefixes (vLLM does by default) would otherwise find the first WARMUP_PROMPTS already computed
+WARMUP_SEED_OFFSET = 7919
 OURS = ("single", "colocated", "default", "default-gloo")  # default-gloo: the default over gloo collectives
 
 
@@ -114,8 +117,7 @@ def measure(server: Server, args: argparse.Namespace, log_dir: Path) -> dict[str
     try:
         base_url = f"http://127.0.0.1:{args.port}"
         model = _wait_for(base_url, proc, log)
-        warm = argparse.Namespace(**{**vars(args), "num_prompts": WARMUP_PROMPTS, "base_url": base_url})
-        asyncio.run(run(warm, model))
+        asyncio.run(run(warmup_args(args, base_url), model))
         load = argparse.Namespace(**{**vars(args), "base_url": base_url})
         before = engine_steps(base_url)
         results, duration = asyncio.run(run(load, model))
@@ -126,6 +128,12 @@ def measure(server: Server, args: argparse.Namespace, log_dir: Path) -> dict[str
         return {"key": server.key, "server": server.name, "skipped": str(e)}
     finally:
         _stop(proc)
+
+
+def warmup_args(args: argparse.Namespace, base_url: str) -> argparse.Namespace:
+    """The warm-up's load: WARMUP_PROMPTS prompts unlike the measured ones."""
+    warm = {"num_prompts": WARMUP_PROMPTS, "seed": args.seed + WARMUP_SEED_OFFSET, "base_url": base_url}
+    return argparse.Namespace(**{**vars(args), **warm})
 
 
 def _wait_for(base_url: str, proc: subprocess.Popen, log: Path) -> str:

