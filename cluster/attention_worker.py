@@ -13,13 +13,15 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import ray
 import torch
 from ray.exceptions import RayError
 
 from attention.decoder import Llama4Decoder, load_non_expert_weights
+from attention.threads import compute_threads
 from attention.vision import VisionEncoder
 from cluster.membership import StoreAddress
-from cluster.rendezvous import ProcessGroupMember, first_line
+from cluster.rendezvous import CONTROL, ProcessGroupMember, first_line
 from cluster.vision_worker import resolve_features
 from engine.core import EngineConfig, EngineCore, RequestOutput
 from engine.request import Request
@@ -88,9 +90,8 @@ class AttentionWorker(ProcessGroupMember):
         """`load_vision`: encode the images of this rank's requests here (no vision tier).
         `threads`: intra-op threads on a CPU (`cluster.placement_groups.attention_threads`);
         LLAMA4_EP_ATTENTION_THREADS overrides it."""
-        super().__init__(device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(int(os.environ.get("LLAMA4_EP_ATTENTION_THREADS", threads)))
+        super().__init__(device)  # loads on one intra-op thread: the step's thread gets `threads`
+        self.threads = int(os.environ.get("LLAMA4_EP_ATTENTION_THREADS", threads))
         self.dp_rank = dp_rank
         dtype = resolve_dtype(engine_cfg.dtype, self.device)
         with CheckpointReader(Path(model_dir)) as reader:
@@ -104,6 +105,7 @@ class AttentionWorker(ProcessGroupMember):
         self.core = EngineCore(cfg, decoder, engine_cfg, Tokenizer(model_dir), vision=vision)
         self._admitted_step = -1
 
+    @ray.method(concurrency_group=CONTROL)
     def join_epoch(
         self,
         store: StoreAddress,
@@ -130,6 +132,8 @@ class AttentionWorker(ProcessGroupMember):
         tokens, so every exchange has all its members. A step whose collectives break (a peer was
         lost) leaves the group and reports `failed`; the engine replays it in the next epoch."""
         start = time.perf_counter()
+        if self.device.type == "cpu":
+            compute_threads(self.threads)  # on the work thread, the same one every step
         rejected = self._admit(step)
         if step.placement is not None:
             self.dispatcher.placement = step.placement  # between steps: a step uses one version
@@ -182,7 +186,7 @@ class AttentionWorker(ProcessGroupMember):
     def load_routers(self, model_dir: str) -> None:
         """Swap in the router weights [E, H] of every MoE layer from another checkpoint of the same
         shape (e.g. the same weights made with another --skew-seed), so other experts turn hot.
-        Ray runs one call at a time on this actor, so the swap lands between two steps. A missing
+        It runs on the work thread (not a control call), so the swap lands between two steps. A missing
         router or one of another shape raises CheckpointError and changes nothing."""
         weights, cfg = self.core.decoder.weights, self.core.cfg
         shape = (cfg.num_local_experts, cfg.hidden_size)
@@ -200,16 +204,18 @@ class AttentionWorker(ProcessGroupMember):
             )
         self.core.decoder.weights = replace(weights, layers=layers)
 
+    @ray.method(concurrency_group=CONTROL)
     def kv_blocks(self) -> int:
         """The blocks of this rank's KV pool (sized from memory when kv_cache_memory is set)."""
         return self.core.kv_capacity.num_blocks
 
+    @ray.method(concurrency_group=CONTROL)
     def stats(self) -> dict:
         return {
             "dp_rank": self.dp_rank,
             "epoch": self.epoch,
             "transport": self.transport_in_use(),
-            "threads": torch.get_num_threads(),
+            "threads": self.threads if self.device.type == "cpu" else torch.get_num_threads(),
             # this epoch's rows, over the steps that completed (the row-count invariant is per epoch)
             "rows_sent_per_layer": dict(self.dispatcher.sent.per_layer),
             "rows_returned_per_layer": dict(self.dispatcher.returned.per_layer),

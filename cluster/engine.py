@@ -34,6 +34,7 @@ from cluster.membership import Command, HeaderBoard
 from cluster.placement_groups import attention_threads, bundles_in, node_cpus, reserve
 from cluster.rebalancer import Rebalancer
 from cluster.recovery import ClusterUnavailable, FaultStats, Recovery, StepOutcome, await_step
+from cluster.rendezvous import CONCURRENCY_GROUPS
 from cluster.resize import Bundle, Resizer
 from cluster.vision_worker import VisionTier, VisionWorker
 from engine.autoscale import AutoscalerConfig, Decision, TierAutoscaler
@@ -144,7 +145,9 @@ class ClusterEngine:
         no request state, so Ray restarts one that dies and retries its calls."""
         if not bundles:
             return
-        vision_cls = ray.remote(max_restarts=3, max_task_retries=2)(VisionWorker)
+        vision_cls = ray.remote(max_restarts=3, max_task_retries=2, concurrency_groups=CONCURRENCY_GROUPS)(
+            VisionWorker
+        )
         workers = [
             vision_cls.options(**b.options()).remote(
                 self.model_dir, v, self.engine_cfg.dtype, self.cluster.device
@@ -160,7 +163,7 @@ class ClusterEngine:
         c = self.cluster
         threads = attention_threads(c, layout.num_attention, node_cpus(node))
         return (
-            ray.remote(AttentionWorker)
+            ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(AttentionWorker)
             .options(**bundle.options())
             .remote(
                 self.model_dir,
@@ -177,7 +180,7 @@ class ClusterEngine:
     def start_expert(self, bundle: Bundle, idx: int, layout: RankLayout, placement: Placement):
         """Expert worker `idx` in `bundle`, at start or added by a resize."""
         return (
-            ray.remote(ExpertWorker)
+            ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertWorker)
             .options(**bundle.options())
             .remote(self.model_dir, idx, layout, placement, self.engine_cfg.dtype, self.cluster.device)
         )

@@ -6,7 +6,8 @@ each STEP it serves one exchange per MoE layer (receive rows, SwiGLU per slot, s
 No Ray call per step. The loop ends, and the actor waits for the driver's next instruction, when
 the epoch ends (LEAVE), when the group breaks under it (a peer was lost), or on STOP.
 
-Control calls (staging, joining the next epoch, stats, ping) run on the actor's second thread.
+Control calls (staging, joining the next epoch, stats, ping) run on the actor's control thread
+(`cluster.rendezvous.CONTROL`), the loop on its work thread.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import logging
 import time
 from dataclasses import dataclass
 
+import ray
+
 from cluster.membership import Command, HeaderReader, StoreAddress
-from cluster.rendezvous import ProcessGroupMember, first_line
+from cluster.rendezvous import CONTROL, ProcessGroupMember, first_line
 from experts.slots import ExpertSlots
 from experts.swiglu import grouped_swiglu
 from model.config import ModelConfig
@@ -63,6 +66,7 @@ class ExpertWorker(ProcessGroupMember):
         self.server = ExpertServer(layout, self.hidden_size, self.slots.dtype, self.device)
         self._rows_before = 0  # rows computed in earlier epochs
 
+    @ray.method(concurrency_group=CONTROL)
     def join_epoch(
         self,
         store: StoreAddress,
@@ -109,17 +113,20 @@ class ExpertWorker(ProcessGroupMember):
                 return LoopEnd(self.worker_idx, self.epoch, "broken", steps, first_line(e))
             steps += 1
 
+    @ray.method(concurrency_group=CONTROL)
     def stage(self, version: int, changes: dict[int, dict[int, int]]) -> float:
         """Load the weights of a coming placement into staging (no step waits for this).
 
-        changes: moe layer index -> {local slot: logical expert}. Runs on the actor's second
+        changes: moe layer index -> {local slot: logical expert}. Runs on the actor's control
         thread while the loop keeps serving; returns the seconds it took."""
         return self.slots.stage(version, changes, self.device)
 
+    @ray.method(concurrency_group=CONTROL)
     def discard_staged(self) -> None:
         """Forget staged maps that will never be used (a failure replaced the plan)."""
         self.slots.discard_staged()
 
+    @ray.method(concurrency_group=CONTROL)
     def stats(self) -> dict:
         rows = dict(self.server.computed.per_layer)
         return {

@@ -54,12 +54,12 @@ class Bundle:
 
     def options(self) -> dict:
         strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=self.index)
-        # two threads: a step (or the expert loop) blocks one; control calls and pings use the other
+        # the work thread (the actor class has the control group too: `cluster.rendezvous.CONTROL`)
         return {
             "scheduling_strategy": strategy,
             "num_cpus": self.spec.get("CPU", 0),
             "num_gpus": self.spec.get("GPU", 0),
-            "max_concurrency": 2,
+            "max_concurrency": 1,
         }
 
 

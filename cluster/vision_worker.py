@@ -22,7 +22,7 @@ import ray
 import torch
 
 from attention.vision import VisionEncoder
-from cluster.rendezvous import check_device
+from cluster.rendezvous import CONTROL, check_device
 from engine.request import Request
 from model.checkpoint import CheckpointReader
 from model.device import resolve_dtype
@@ -63,6 +63,7 @@ class VisionWorker:
         self.seconds += time.perf_counter() - t0
         return out[0] if len(out) == 1 else out
 
+    @ray.method(concurrency_group=CONTROL)
     def stats(self) -> dict:
         return {
             "worker_idx": self.worker_idx,

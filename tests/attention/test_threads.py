@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
+import torch
 
 from attention.threads import (
     FixedThreads,
     MeasuredThreads,
     bound_name,
     check_parallel_min_tokens,
+    compute_threads,
     size_bound,
     thread_policy,
 )
@@ -93,3 +96,26 @@ def test_sizes_and_settings():
     for bad in (0, -3, "fast", "8", True, 2.5, None):
         with pytest.raises(ValueError, match='parallel_min_tokens must be "auto" or a whole number >= 1'):
             check_parallel_min_tokens(bad)
+
+
+def test_compute_threads_sets_the_calling_thread_alone():
+    """The engine's stepping thread gets its intra-op threads; a thread that had its own count
+    (the one that loaded the model on one thread) keeps it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    seen = {}
+
+    def stepping_thread():
+        compute_threads(2)
+        seen["first"] = torch.get_num_threads()
+        compute_threads(2)  # again on the same thread: nothing changes
+        seen["again"] = torch.get_num_threads()
+
+    try:
+        worker = threading.Thread(target=stepping_thread)
+        worker.start()
+        worker.join()
+        assert seen == {"first": 2, "again": 2}
+        assert torch.get_num_threads() == 1  # this thread's own count did not follow
+    finally:
+        torch.set_num_threads(before)
