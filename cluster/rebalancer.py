@@ -1,7 +1,7 @@
 """The rebalancing state machine (`router.rebalancing`) driven with Ray calls, never blocking a step.
 
 Load counts from the attention workers' step results are batched to the router service actor;
-plan requests go to it asynchronously; staging runs on each expert worker's second thread while
+plan requests go to it asynchronously; staging runs on each expert worker's control thread while
 the step loop keeps serving the old map; the switch rides on the next step's header.
 """
 

@@ -31,10 +31,11 @@ DEVICES = ("cpu", "cuda")
 # A worker actor's two threads. Its work (an attention worker's steps, an expert worker's loop, a
 # vision worker's encodes) runs on the default group's one thread, always the same one; control
 # calls (pings, stats, staging, joining the next epoch) on the control group's, also while the
-# work blocks. Always the same thread for the work matters on a CPU: each thread that runs torch
-# ops has its own OpenMP team, and steps that alternated between two threads (a plain
-# `max_concurrency=2` pool) kept two teams busy on the same cores: an attention worker's step at
-# batch 1 took 21.8 ms against 14.4 ms on one thread (bench-maverick, 1 + 2 workers, 2 cores).
+# work blocks. One thread for the work matters on a CPU: each thread that runs torch ops on
+# several threads has an OpenMP team of its own (`attention.threads.compute_threads`), and steps
+# that landed on either thread of a plain `max_concurrency=2` pool made two. With that and the
+# load on one intra-op thread, an attention worker's step at batch 1 took 15.1 ms against 22.1
+# (bench-maverick, 1 + 2 workers, 2 cores, `bench overhead`).
 CONTROL = "control"
 CONCURRENCY_GROUPS = {CONTROL: 1}
 

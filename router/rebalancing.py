@@ -7,7 +7,7 @@ to ask for a plan, what to stage and when to switch. No I/O and no clock.
         +------------------(every worker staged: switch between two steps)-----------------+
 
 The cluster engine drives it with Ray calls (`cluster.rebalancer`): plans come from the router
-service actor and staging runs on the expert workers' second thread, so no step waits. The
+service actor and staging runs on the expert workers' control thread, so no step waits. The
 simulator drives the same machine with a simulated clock (`sim.cluster`).
 """
 
