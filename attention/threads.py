@@ -174,12 +174,12 @@ def compute_threads(num_threads: int) -> None:
     OpenMP (torch's, on Linux) counts the threads of all teams: once they outnumber the cores,
     the threads of every team stop spinning between parallel regions and sleep, so each small op
     pays a wake-up. A process that loads its model on one thread and steps on another (a Ray
-    actor's work thread) therefore loads on one intra-op thread and
-    gives the threads to the stepping thread alone. Measured in a Ray actor on 2 cores, 40
-    [1, 256] x [256, 512] products then the bench-maverick lm_head for one row, on the actor's
-    work thread: 6.0 + 6.4 ms after a load on two threads on the main thread, 1.3 + 6.0 ms after a
-    load on one (1.2 + 5.8 ms for both on the main thread). An attention worker's step at batch 1
-    (1 + 2 workers): 20.8-21.4 ms against 22.8-24.9 ms before, three runs each.
+    actor's work thread) therefore loads on one intra-op thread and gives the threads to the
+    stepping thread alone. Measured in a Ray actor on 2 cores, 40 [1, 256] x [256, 512] products
+    then the bench-maverick lm_head for one row, on the actor's work thread: 6.0 + 6.4 ms after a
+    load on two threads on the main thread, 1.3 + 6.0 ms after a load on one (1.2 + 5.8 ms for
+    both on the main thread). The cluster's batch-1 step (1 + 2 workers, `bench overhead`): 19.0
+    ms against 26.1, the attention rank's own 15.1 against 22.1.
 
     The serving replica's single-process engine does not use it: there the OpenMP threads that
     spin between ops take the cores from the HTTP path, and serving measured 3% fewer requests/s
