@@ -51,6 +51,14 @@ from router.placement import Placement
 log = logging.getLogger(__name__)
 __all__ = ["ClusterEngine", "ClusterUnavailable", "generate_on_cluster"]
 
+# The workers' actor classes, made once: each runs its work on one thread and its control calls on
+# another (`cluster.rendezvous.CONTROL`); a vision worker is restarted by Ray (`_start_vision`).
+ATTENTION_ACTOR = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(AttentionWorker)
+EXPERT_ACTOR = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertWorker)
+VISION_ACTOR = ray.remote(max_restarts=3, max_task_retries=2, concurrency_groups=CONCURRENCY_GROUPS)(
+    VisionWorker
+)
+
 
 class ClusterEngine:
     """The `engine.protocol.Engine` verbs over Ray workers: add, abort, step, has_unfinished,
@@ -145,11 +153,8 @@ class ClusterEngine:
         no request state, so Ray restarts one that dies and retries its calls."""
         if not bundles:
             return
-        vision_cls = ray.remote(max_restarts=3, max_task_retries=2, concurrency_groups=CONCURRENCY_GROUPS)(
-            VisionWorker
-        )
         workers = [
-            vision_cls.options(**b.options()).remote(
+            VISION_ACTOR.options(**b.options()).remote(
                 self.model_dir, v, self.engine_cfg.dtype, self.cluster.device
             )
             for v, b in enumerate(bundles)
@@ -162,27 +167,21 @@ class ClusterEngine:
         settings either way (its threads share the node among the layout's attention ranks)."""
         c = self.cluster
         threads = attention_threads(c, layout.num_attention, node_cpus(node))
-        return (
-            ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(AttentionWorker)
-            .options(**bundle.options())
-            .remote(
-                self.model_dir,
-                rank,
-                layout,
-                placement,
-                self.engine_cfg,
-                c.device,
-                load_vision=c.num_vision_workers == 0,
-                threads=threads,
-            )
+        return ATTENTION_ACTOR.options(**bundle.options()).remote(
+            self.model_dir,
+            rank,
+            layout,
+            placement,
+            self.engine_cfg,
+            c.device,
+            load_vision=c.num_vision_workers == 0,
+            threads=threads,
         )
 
     def start_expert(self, bundle: Bundle, idx: int, layout: RankLayout, placement: Placement):
         """Expert worker `idx` in `bundle`, at start or added by a resize."""
-        return (
-            ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertWorker)
-            .options(**bundle.options())
-            .remote(self.model_dir, idx, layout, placement, self.engine_cfg.dtype, self.cluster.device)
+        return EXPERT_ACTOR.options(**bundle.options()).remote(
+            self.model_dir, idx, layout, placement, self.engine_cfg.dtype, self.cluster.device
         )
 
     def track(self, workers: list) -> list[ray.ObjectRef]:
