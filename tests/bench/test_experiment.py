@@ -214,8 +214,7 @@ def test_a_short_real_experiment_writes_its_plots_and_table(ray_session, skewed_
     # luck: the step count is not. Each step gives a sequence at most one token, and the last
     # sample is taken once every reply is in.
     assert all(f["engine_running"] >= 0 and f["engine_waiting"] >= 0 for f in flats)
-    steps = sum(e["num_steps"] for e in result.samples[-1].engines)
-    assert steps >= max(r.output_tokens for r in result.records)
+    assert result.samples[-1].engine_sum("num_steps") >= max(r.output_tokens for r in result.records)
     assert all((f["attention_workers"], f["expert_workers"]) == (1, 2) for f in flats)  # per tier
 
     for name in ("comparison.png", "base/timeseries.png"):
