@@ -232,25 +232,54 @@ async def run(args: argparse.Namespace, model: str) -> tuple[list[RequestResult]
         return list(results), time.perf_counter() - start
 
 
-def engine_steps(base_url: str) -> tuple[float, float] | None:
-    """(seconds, steps) the server's engine replicas have stepped so far, summed over replicas,
-    from its /metrics (`llama4_ep_engine_step_seconds`); None from a server without them."""
+# The server's own histograms that `bench serve` reads from its /metrics, by what they time: ours
+# (summed over replicas) and vLLM's, whose TTFT its API server times from a request's arrival.
+SERVER_HISTOGRAMS = {
+    "step": ("llama4_ep_engine_step_seconds",),
+    "ttft": ("llama4_ep_time_to_first_token_seconds", "vllm:time_to_first_token_seconds"),
+}
+
+
+def server_sums(base_url: str) -> dict[str, tuple[float, float]]:
+    """(seconds, count) so far of each `SERVER_HISTOGRAMS` entry the server at `base_url` reports
+    on its /metrics, summed over its replicas and labels: "step" its engine's steps, "ttft" the
+    time to first token its ingress measured (from the request's arrival there). {} where it
+    reports none, or cannot be read."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
         text = httpx.get(f"{base_url}/metrics", timeout=30).text
     except httpx.HTTPError:
-        return None
+        return {}
+    names = {name: key for key, family_names in SERVER_HISTOGRAMS.items() for name in family_names}
+    sums: dict[str, tuple[float, float]] = {}
     for family in text_string_to_metric_families(text):
-        if family.name == "llama4_ep_engine_step_seconds":
-            by_name = {"_sum": 0.0, "_count": 0.0}
-            for sample in family.samples:
-                suffix = sample.name.removeprefix(family.name)
-                if suffix in by_name:
-                    by_name[suffix] += sample.value
-            return by_name["_sum"], by_name["_count"]
-    return None
+        key = names.get(family.name)
+        if key is None:
+            continue
+        by_name = {"_sum": 0.0, "_count": 0.0}
+        for sample in family.samples:
+            suffix = sample.name.removeprefix(family.name)
+            if suffix in by_name:
+                by_name[suffix] += sample.value
+        sums[key] = (by_name["_sum"], by_name["_count"])
+    return sums
+
+
+def server_figures(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], client: dict[str, Any]
+) -> dict[str, float]:
+    """What the server's own histograms say about the run, beside the client's figures: the mean
+    engine step and the ITL beyond it (`step_figures`), and the mean TTFT at the server with what
+    the path outside it added (the client's mean TTFT less the server's: the HTTP proxy, the
+    connection, the client itself). Only what the server reports."""
+    out = step_figures(before.get("step"), after.get("step"), client["mean_itl_ms"])
+    ttft = _mean_ms(before.get("ttft"), after.get("ttft"))
+    if ttft is not None:
+        out["mean_server_ttft_ms"] = ttft
+        out["ttft_outside_server_ms"] = client["mean_ttft_ms"] - ttft
+    return out
 
 
 def step_figures(
@@ -258,10 +287,17 @@ def step_figures(
 ) -> dict[str, float]:
     """The engine's mean step over the run, and what the serving path added to each token beyond
     it (mean ITL less mean step); {} for a server that does not report its steps."""
-    if before is None or after is None or after[1] <= before[1]:
+    step_ms = _mean_ms(before, after)
+    if step_ms is None:
         return {}
-    step_ms = (after[0] - before[0]) / (after[1] - before[1]) * 1e3
     return {"mean_engine_step_ms": step_ms, "itl_minus_step_ms": mean_itl_ms - step_ms}
+
+
+def _mean_ms(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """The mean in ms of what a histogram observed between two readings of its (sum, count)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1]) * 1e3
 
 
 def _served_model(base_url: str) -> str:
@@ -279,10 +315,10 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         model = args.model or _served_model(args.base_url)
     except httpx.HTTPError as e:
         raise ValueError(f"cannot reach {args.base_url}: {e}") from None
-    before = engine_steps(args.base_url)
+    before = server_sums(args.base_url)
     results, duration = asyncio.run(run(args, model))
     figures = summarize(results, duration, slos, percentiles)
-    figures.update(step_figures(before, engine_steps(args.base_url), figures["mean_itl_ms"]))
+    figures.update(server_figures(before, server_sums(args.base_url), figures))
     _print_table(args, model, figures, percentiles, [r.error for r in results if not r.ok])
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
     return 0 if figures["completed"] else 1
@@ -314,10 +350,14 @@ def _print_table(
         for key in ("mean", "median", "std", *(f"p{p:g}" for p in percentiles)):
             label = key.upper() if key.startswith("p") else key.capitalize()
             rows.append((f"{label} {name.upper()} (ms)", f"{f[f'{key}_{name}_ms']:.2f}"))
+    if "mean_engine_step_ms" in f or "mean_server_ttft_ms" in f:
+        rows.append(("--- The server's own figures (its /metrics) ---", ""))
     if "mean_engine_step_ms" in f:
-        rows.append(("--- The server's engine (its /metrics) ---", ""))
         rows.append(("Mean engine step (ms)", f"{f['mean_engine_step_ms']:.2f}"))
         rows.append(("Mean ITL less mean step (ms)", f"{f['itl_minus_step_ms']:.2f}"))
+    if "mean_server_ttft_ms" in f:
+        rows.append(("Mean TTFT at the server (ms)", f"{f['mean_server_ttft_ms']:.2f}"))
+        rows.append(("Mean TTFT outside the server (ms)", f"{f['ttft_outside_server_ms']:.2f}"))
     for label, value in rows:
         print(f"{label:<40} {value:>12}")
     for error in sorted(set(errors))[:5]:

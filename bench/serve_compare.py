@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.decode import BENCH_PRESET
 from bench.peers import PeerSetup, converted_name, vllm_copy
-from bench.serve import engine_steps, run, step_figures, summarize
+from bench.serve import run, server_figures, server_sums, summarize
 from model.synthetic import default_checkpoint
 
 START_TIMEOUT_S = 600.0  # vLLM compiles for a minute or two on 2 cores; ours loads in about one
@@ -119,10 +119,10 @@ def measure(server: Server, args: argparse.Namespace, log_dir: Path) -> dict[str
         model = _wait_for(base_url, proc, log)
         asyncio.run(run(warmup_args(args, base_url), model))
         load = argparse.Namespace(**{**vars(args), "base_url": base_url})
-        before = engine_steps(base_url)
+        before = server_sums(base_url)
         results, duration = asyncio.run(run(load, model))
         figures = summarize(results, duration, {}, [50.0, 99.0])
-        figures.update(step_figures(before, engine_steps(base_url), figures["mean_itl_ms"]))
+        figures.update(server_figures(before, server_sums(base_url), figures))
         return {"key": server.key, "server": server.name, **figures}
     except RuntimeError as e:
         return {"key": server.key, "server": server.name, "skipped": str(e)}
@@ -181,6 +181,8 @@ def comparison(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[key] = {"req_s": round(r["request_throughput"], 3), "tpot_ms": round(r["mean_tpot_ms"], 2)}
         if "mean_engine_step_ms" in r:
             out[key]["engine_step_ms"] = round(r["mean_engine_step_ms"], 2)
+        if "ttft_outside_server_ms" in r:
+            out[key]["ttft_outside_server_ms"] = round(r["ttft_outside_server_ms"], 2)
         if vllm is not None and r is not vllm:
             out[key]["req_s_vs_vllm"] = round(r["request_throughput"] / vllm["request_throughput"], 3)
             out[key]["tpot_vs_vllm"] = round(r["mean_tpot_ms"] / vllm["mean_tpot_ms"], 3)
@@ -198,14 +200,19 @@ def cmd_serve_compare(args: argparse.Namespace) -> int:
         flush=True,
     )
     rows = [measure(s, args, log_dir) for s in servers(args, model, setup)]
-    print(f"{'server':60} {'req/s':>7} {'TPOT ms':>8} {'TTFT ms':>8} {'step ms':>8} {'failed':>6}")
+    # TTFT out: the client's mean TTFT less the server's own (the path outside the server)
+    print(
+        f"{'server':60} {'req/s':>7} {'TPOT ms':>8} {'TTFT ms':>8} {'TTFT out':>8} {'step ms':>8} "
+        f"{'failed':>6}"
+    )
     for r in rows:
         if "skipped" in r:
             print(f"{r['server']:60} skipped: {r['skipped']}")
             continue
         print(
             f"{r['server']:60} {r['request_throughput']:7.2f} {r['mean_tpot_ms']:8.1f} "
-            f"{r['mean_ttft_ms']:8.1f} {r.get('mean_engine_step_ms', float('nan')):8.1f} {r['failed']:6d}"
+            f"{r['mean_ttft_ms']:8.1f} {r.get('ttft_outside_server_ms', float('nan')):8.1f} "
+            f"{r.get('mean_engine_step_ms', float('nan')):8.1f} {r['failed']:6d}"
         )
     print(json.dumps(comparison(rows)))
     return 0 if all("skipped" not in r for r in rows) else 1

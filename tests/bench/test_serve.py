@@ -13,6 +13,7 @@ from bench.serve import (
     add_bench_serve_parser,
     arrival_gaps,
     parse_goodput,
+    server_figures,
     step_figures,
     summarize,
 )
@@ -66,3 +67,21 @@ def test_step_figures_over_the_run():
     assert figures == pytest.approx({"mean_engine_step_ms": 50.0, "itl_minus_step_ms": 10.0})
     # a server without the metric, or no step during the run: no figure
     assert step_figures(None, (3.0, 140.0), 60.0) == {} == step_figures((1.0, 100.0), (1.0, 100.0), 60.0)
+
+
+def test_server_figures_split_the_ttft_at_the_server_from_the_path_outside_it():
+    client = {"mean_itl_ms": 60.0, "mean_ttft_ms": 150.0}
+    before = {"step": (1.0, 100.0), "ttft": (2.0, 10.0)}
+    after = {"step": (3.0, 140.0), "ttft": (4.4, 30.0)}  # 20 first tokens, 120 ms each at the server
+    assert server_figures(before, after, client) == pytest.approx(
+        {
+            "mean_engine_step_ms": 50.0,
+            "itl_minus_step_ms": 10.0,
+            "mean_server_ttft_ms": 120.0,
+            "ttft_outside_server_ms": 30.0,
+        }
+    )
+    # a server that times its first tokens but not its steps (vLLM), and one that reports nothing
+    ttft_only = server_figures({"ttft": (2.0, 10.0)}, {"ttft": (4.4, 30.0)}, client)
+    assert ttft_only == pytest.approx({"mean_server_ttft_ms": 120.0, "ttft_outside_server_ms": 30.0})
+    assert server_figures({}, {}, client) == {}

@@ -320,6 +320,10 @@ def test_bench_serve_against_the_server(server, capsys):
     assert 0 < figures["mean_engine_step_ms"] < figures["mean_e2el_ms"]
     expected = figures["mean_itl_ms"] - figures["mean_engine_step_ms"]
     assert figures["itl_minus_step_ms"] == pytest.approx(expected, abs=0.01)
+    # the ingress's own TTFT histogram: a first token reaches the client after the ingress saw it
+    assert 0 < figures["mean_server_ttft_ms"] < figures["mean_ttft_ms"]
+    expected = figures["mean_ttft_ms"] - figures["mean_server_ttft_ms"]
+    assert figures["ttft_outside_server_ms"] == pytest.approx(expected, abs=0.01)
 
 
 # -- a dead engine ----------------------------------------------------------------------------
