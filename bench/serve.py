@@ -232,16 +232,17 @@ async def run(args: argparse.Namespace, model: str) -> tuple[list[RequestResult]
         return list(results), time.perf_counter() - start
 
 
-# The server's own histograms that `bench serve` reads from its /metrics, by what they time: ours
+# The server's own histograms that `bench serve` reads from its /metrics -> what they time: ours
 # (summed over replicas) and vLLM's, whose TTFT its API server times from a request's arrival.
 SERVER_HISTOGRAMS = {
-    "step": ("llama4_ep_engine_step_seconds",),
-    "ttft": ("llama4_ep_time_to_first_token_seconds", "vllm:time_to_first_token_seconds"),
+    "llama4_ep_engine_step_seconds": "step",
+    "llama4_ep_time_to_first_token_seconds": "ttft",
+    "vllm:time_to_first_token_seconds": "ttft",
 }
 
 
 def server_sums(base_url: str) -> dict[str, tuple[float, float]]:
-    """(seconds, count) so far of each `SERVER_HISTOGRAMS` entry the server at `base_url` reports
+    """(seconds, count) so far of each kind of `SERVER_HISTOGRAMS` the server at `base_url` reports
     on its /metrics, summed over its replicas and labels: "step" its engine's steps, "ttft" the
     time to first token its ingress measured (from the request's arrival there). {} where it
     reports none, or cannot be read."""
@@ -252,10 +253,9 @@ def server_sums(base_url: str) -> dict[str, tuple[float, float]]:
         text = httpx.get(f"{base_url}/metrics", timeout=30).text
     except httpx.HTTPError:
         return {}
-    names = {name: key for key, family_names in SERVER_HISTOGRAMS.items() for name in family_names}
     sums: dict[str, tuple[float, float]] = {}
     for family in text_string_to_metric_families(text):
-        key = names.get(family.name)
+        key = SERVER_HISTOGRAMS.get(family.name)
         if key is None:
             continue
         by_name = {"_sum": 0.0, "_count": 0.0}
