@@ -149,8 +149,9 @@ def _add_serve_compare_parser(bench: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--servers",
         default="vllm,single,default",
-        help="in order: vllm, single, colocated, default, default-gloo (over gloo collectives); ours "
-        "take a stream interval, single:4 "
+        help="in order: vllm, single, colocated, default, default-gloo (over gloo collectives), "
+        "single-thread and colocated-thread (the engine on a thread of its replica); ours take a "
+        "stream interval, single:4 "
         "(%(default)s)",
     )
     c.add_argument("--num-prompts", type=count_type("--num-prompts", 1), default=32)

@@ -31,7 +31,8 @@ WARMUP_PROMPTS = 8
 # the warm-up's prompts are drawn with another seed than the measured ones: a server that caches
 # prefixes (vLLM does by default) would otherwise find the first WARMUP_PROMPTS already computed
 WARMUP_SEED_OFFSET = 7919
-OURS = ("single", "colocated", "default", "default-gloo")  # default-gloo: the default over gloo collectives
+# default-gloo: the default over gloo collectives; *-thread: the engine on a thread of its replica
+OURS = ("single", "colocated", "default", "default-gloo", "single-thread", "colocated-thread")
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,16 @@ def servers(args: argparse.Namespace, model: Path, setup: PeerSetup) -> list[Ser
         ]
         key = (f"{name}_si{interval}" if interval else name).replace("-", "_")
         held = f", stream interval {interval}" if interval else ""
-        if name == "single":
-            out.append(Server(key, f"llama4-ep single-process{held}", [*ours, "--expert-workers", "0"], {}))
-        elif name == "colocated":
-            colocated = [*ours, "--expert-workers", "0", "--colocate-ingress"]
-            out.append(Server(key, f"llama4-ep single-process, ingress in its replica{held}", colocated, {}))
+        base = name.removesuffix("-thread")
+        thread = ["--engine-on-thread"] if base != name else []
+        where = ", engine on a thread" if thread else ""
+        if base == "single":
+            single = [*ours, "--expert-workers", "0", *thread]
+            out.append(Server(key, f"llama4-ep single-process{where}{held}", single, {}))
+        elif base == "colocated":
+            colocated = [*ours, "--expert-workers", "0", "--colocate-ingress", *thread]
+            label = f"llama4-ep single-process, ingress in its replica{where}{held}"
+            out.append(Server(key, label, colocated, {}))
         elif name == "default-gloo":
             gloo = [*ours, "--transport", "collective"]
             out.append(Server(key, f"llama4-ep 1 attention + 2 expert workers, gloo{held}", gloo, {}))

@@ -64,6 +64,33 @@ class EngineDeadError(RuntimeError):
     """The step loop stopped (an engine error or shutdown)."""
 
 
+async def joined_outputs(outputs: asyncio.Queue, stream_interval: int) -> AsyncIterator[RequestOutput]:
+    """One request's outputs, fewer and larger: those already queued when the consumer comes back
+    for more are joined into one (a consumer that lags sends fewer messages, and none waits), and
+    outputs are held until they carry `stream_interval` tokens, except the first token and the
+    end. An exception in the queue is raised after what came before it."""
+    held: RequestOutput | None = None
+    sent_a_token = False
+    while True:
+        item = await outputs.get()
+        while not isinstance(item, BaseException):
+            held = item if held is None else held.then(item)
+            if held.finished or outputs.empty():
+                break
+            item = outputs.get_nowait()
+        if isinstance(item, BaseException):
+            if held is not None:
+                yield held
+            raise item
+        n = len(held.new_token_ids)
+        if held.finished or (n and not sent_a_token) or n >= stream_interval:
+            sent_a_token = sent_a_token or n > 0
+            out, held = held, None
+            yield out
+            if out.finished:
+                return
+
+
 @dataclass(frozen=True)
 class _Add:
     request_id: str
@@ -143,7 +170,7 @@ class AsyncEngine:
         )
         finished = False
         try:
-            async with aclosing(self._joined(outputs)) as joined:
+            async with aclosing(joined_outputs(outputs, self.stream_interval)) as joined:
                 async for out in joined:
                     finished = out.finished
                     yield out
@@ -151,31 +178,13 @@ class AsyncEngine:
             if not finished:
                 self._commands.put(_Abort(request_id))
 
-    async def _joined(self, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        """One request's outputs, fewer and larger: those already queued when the consumer comes
-        back for more are joined into one (a consumer that lags sends fewer messages, and none
-        waits), and outputs are held until they carry `stream_interval` tokens, except the first
-        token and the end. An error is raised after what came before it."""
-        held: RequestOutput | None = None
-        sent_a_token = False
-        while True:
-            item = await outputs.get()
-            while not isinstance(item, BaseException):
-                held = item if held is None else held.then(item)
-                if held.finished or outputs.empty():
-                    break
-                item = outputs.get_nowait()
-            if isinstance(item, BaseException):
-                if held is not None:
-                    yield held
-                raise item
-            n = len(held.new_token_ids)
-            if held.finished or (n and not sent_a_token) or n >= self.stream_interval:
-                sent_a_token = sent_a_token or n > 0
-                out, held = held, None
-                yield out
-                if out.finished:
-                    return
+    def gauges(self) -> dict[str, Any]:
+        """The engine's gauges now (an abort frees blocks without a step); the last step's if the
+        loop thread is changing them under us."""
+        try:
+            return dict(self.engine.metrics())
+        except RuntimeError:
+            return dict(self.last_metrics or {})
 
     def close(self) -> None:
         """Stop the step loop, then close the engine (its workers and memory)."""

@@ -193,6 +193,11 @@ class ServeAppConfig(BaseModel):
         description="intra-op threads of the single-process engine (expert_workers 0); None: its "
         "replica's share of the cluster's CPUs (cluster workers: LLAMA4_EP_WORKER_THREADS)",
     )
+    engine_process: bool = Field(
+        True,
+        description="the single-process engine (expert_workers 0) steps in a child process of its "
+        "replica, with a GIL of its own; False: on a thread of the replica",
+    )
     stream_interval: int = Field(
         1,
         ge=1,
@@ -231,6 +236,11 @@ class ServeAppConfig(BaseModel):
             raise ValueError(
                 "threads sizes the single-process engine (expert_workers 0); cluster workers take "
                 "LLAMA4_EP_WORKER_THREADS"
+            )
+        if self.expert_workers and not self.engine_process:
+            raise ValueError(
+                "engine_process places the single-process engine (expert_workers 0); the cluster "
+                "engine steps on a thread of its replica"
             )
         if self.expert_workers == 0 and self.vision_workers:
             raise ValueError(
@@ -392,6 +402,7 @@ def build_app(config: ServeAppConfig) -> Application:
         config.max_pending,
         config.stream_interval,
         engine_threads(config, resources.get("CPU", 0.0)),
+        engine_process=config.engine_process,
     )
     options = {
         "max_ongoing_requests": config.max_ongoing_requests or config.max_pending + 32,

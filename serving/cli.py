@@ -147,6 +147,12 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
         help="with --expert-workers 0: the ingress in the engine's replica (one Ray hop fewer per token)",
     )
     p.add_argument(
+        "--engine-on-thread",
+        action="store_true",
+        help="with --expert-workers 0: step the engine on a thread of its replica, not in a child "
+        "process with a GIL of its own",
+    )
+    p.add_argument(
         "--threads",
         type=count_type("--threads", 1),
         default=None,
@@ -291,6 +297,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         stream_interval=args.stream_interval,
         threads=args.threads,
         colocate_ingress=args.colocate_ingress,
+        engine_process=not args.engine_on_thread,
         api_key=args.api_key,
         strict_requests=args.strict_requests,
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],

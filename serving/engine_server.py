@@ -3,13 +3,17 @@
 A replica builds either the disaggregated `ClusterEngine` (its attention and expert workers are
 reserved in the replica's own placement group: bundle 0 holds the replica, bundles 1.. the
 workers, attention ranks first) or, with no expert workers, the single-process `LLMEngine`.
-An `AsyncEngine` runs its step loop on a thread. Text never reaches this deployment: the ingress
-tokenizes and detokenizes, so a replica's work is token ids in, token ids out.
+The single-process engine steps in a child process of the replica (`ProcessEngine`, unless
+`engine_process` is off), where its Python does not share the replica's GIL with the event loop,
+the HTTP and gRPC handlers and Ray's threads; the cluster engine, whose step is mostly waiting on
+its workers, runs its step loop on a thread (`AsyncEngine`). Text never reaches this deployment:
+the ingress tokenizes and detokenizes, so a replica's work is token ids in, token ids out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -27,6 +31,7 @@ from cluster.engine import ClusterEngine
 from engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from engine.core import EngineConfig, RequestOutput
 from engine.llm_engine import LLMEngine
+from engine.process_engine import ProcessEngine
 from engine.protocol import Engine
 from engine.request import SamplingParams
 from model.image_processing import ProcessedImage
@@ -50,6 +55,9 @@ class EngineSpec:
     # the replica's reserved CPUs, rounded down, at least 1)
     threads: int | None = None
     stats_interval_s: float = 5.0  # how stale the per-expert-worker token counts may be
+    # the single-process engine steps in a child process (`ProcessEngine`); False: on a thread of
+    # the replica (`AsyncEngine`), sharing its GIL
+    engine_process: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,9 +89,7 @@ class EngineServer:
 
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
-        if spec.threads is not None:  # no more than the cores this process may run on
-            torch.set_num_threads(min(spec.threads, len(os.sched_getaffinity(0))))
-        self.engine = AsyncEngine(build_engine(spec), spec.max_pending, stream_interval=spec.stream_interval)
+        self.engine = start_engine(spec)
         self._replica = _replica_tag()
         self._expert_tokens: list[int] = []
         self._expert_tokens_at = 0.0
@@ -94,7 +100,7 @@ class EngineServer:
         resize the tiers and set the tier autoscaler, without a restart. A bad config raises
         (Serve reports the failed update) and changes nothing."""
         control = TierControl.model_validate(user_config or {})
-        is_cluster = isinstance(self.engine.engine, ClusterEngine)
+        is_cluster = self.spec.cluster is not None
         if not is_cluster and (
             control.attention_workers or control.expert_workers or control.autoscaler.enabled
         ):
@@ -150,10 +156,9 @@ class EngineServer:
 
     async def worker_pids(self) -> dict[str, list[int]]:
         """The processes of this replica's workers, by role (operators, fault tests)."""
-        engine = self.engine.engine
-        if not isinstance(engine, ClusterEngine):
+        if self.spec.cluster is None:
             return {"attention": [], "expert": []}
-        return await asyncio.to_thread(engine.worker_pids)
+        return await asyncio.to_thread(self.engine.engine.worker_pids)
 
     def is_alive(self) -> bool:
         return self.engine.alive
@@ -161,12 +166,12 @@ class EngineServer:
     def check_health(self) -> None:
         """Serve's health check: a dead step loop gets the replica replaced."""
         if not self.engine.alive:
-            raise RuntimeError(f"the engine step loop stopped: {self.engine.error!r}")
+            raise RuntimeError(f"the engine stopped: {self.engine.error!r}")
 
     async def metrics(self) -> dict[str, Any]:
         """This replica's gauges, and the tokens each expert worker has computed (at most
         `stats_interval_s` old: reading them costs a Ray call to every worker)."""
-        gauges = self._gauges()
+        gauges = self.engine.gauges()
         if (
             self.spec.cluster is not None
             and time.monotonic() - self._expert_tokens_at > self.spec.stats_interval_s
@@ -192,14 +197,6 @@ class EngineServer:
             "resize_seconds": list(gauges.get("resize_seconds") or []),
         }
 
-    def _gauges(self) -> dict[str, Any]:
-        """The engine's gauges now (an abort frees blocks without a step); the last step's if the
-        loop thread is changing them under us."""
-        try:
-            return dict(self.engine.engine.metrics())
-        except RuntimeError:
-            return dict(self.engine.last_metrics or {})
-
     def _read_expert_tokens(self) -> list[int]:
         """Rows each expert worker computed, summed over MoE layers (one row per token per MoE
         layer: top-1 routing sends each token to exactly one expert of a layer)."""
@@ -215,6 +212,8 @@ class EngineServer:
     async def vision_stats(self) -> list[dict[str, Any]]:
         """Per vision worker: calls, images and tiles encoded, seconds encoding (empty without a
         vision tier: the engine encodes in its attention workers or in-process)."""
+        if self.spec.cluster is None:  # encodes in-process
+            return []
         stats = await asyncio.to_thread(self.engine.engine.stats)
         return list(stats.get("vision", []))
 
@@ -229,6 +228,17 @@ class EngineServer:
         # has no engine to close
         if hasattr(self, "engine"):
             self.close()
+
+
+def start_engine(spec: EngineSpec) -> AsyncEngine | ProcessEngine:
+    """The replica's engine behind its asyncio front: the single-process engine in a child
+    process (or on a thread, without `engine_process`), the cluster engine on a thread."""
+    if spec.cluster is None and spec.engine_process:
+        factory = functools.partial(LLMEngine.from_checkpoint, spec.model_dir, spec.engine)
+        return ProcessEngine(factory, spec.threads, spec.max_pending, spec.stream_interval)
+    if spec.threads is not None:  # no more than the cores this process may run on
+        torch.set_num_threads(min(spec.threads, len(os.sched_getaffinity(0))))
+    return AsyncEngine(build_engine(spec), spec.max_pending, stream_interval=spec.stream_interval)
 
 
 def _replica_tag() -> str:

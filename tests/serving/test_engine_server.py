@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
 
+from engine.async_engine import AsyncEngine
 from engine.core import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.process_engine import ProcessEngine
 from engine.request import SamplingParams
 from serving.engine_server import EngineFailure, EngineServer, EngineSpec
 
@@ -64,11 +67,12 @@ def test_full_queue_is_a_failure_item(server, run):
 
     (item,) = run(main())
     assert isinstance(item, EngineFailure) and item.kind == "queue_full"
-    for _ in range(100):  # closing the streams aborted the requests: their blocks come back
-        if server.engine.engine.metrics()["kv_blocks_used"] == 0:
+    for _ in range(600):  # closing the streams aborted the requests: their blocks come back
+        if server.engine.gauges()["kv_blocks_used"] == 0:
             break
         time.sleep(0.05)
-    assert server.engine.engine.metrics()["kv_blocks_used"] == 0 and not server.engine.engine.has_unfinished
+    gauges = server.engine.gauges()
+    assert gauges["kv_blocks_used"] == 0 and gauges["num_running"] == gauges["num_waiting"] == 0
 
 
 def test_metrics_and_health(server, run):
@@ -77,3 +81,24 @@ def test_metrics_and_health(server, run):
     server.check_health()
     assert m["kv_blocks_total"] == 256 and m["expert_worker_tokens"] == []
     assert {"num_running", "num_waiting", "kv_blocks_used", "replica", "num_steps"} <= set(m)
+
+
+def test_the_single_process_engine_steps_in_a_child_process(server):
+    assert isinstance(server.engine, ProcessEngine)
+    assert server.engine.pid != os.getpid() and server.engine.alive
+
+
+def test_on_a_thread_the_engine_streams_the_same_tokens(server, run, tiny_maverick):
+    prompt = [200000, 21, 22, 23, 24]
+    on_thread = EngineServer(
+        EngineSpec(str(tiny_maverick), ENGINE, cluster=None, max_pending=2, engine_process=False)
+    )
+    try:
+        assert isinstance(on_thread.engine, AsyncEngine)
+        thread_items = run(collect(on_thread, prompt))
+    finally:
+        on_thread.close()
+    process_items = run(collect(server, prompt))
+    assert [t for i in thread_items for t in i.new_token_ids] == [
+        t for i in process_items for t in i.new_token_ids
+    ]
