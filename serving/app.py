@@ -255,7 +255,9 @@ class ServeAppConfig(BaseModel):
     def layout(self) -> str:
         """One engine replica's workers, in words (what `serve` and `experiment` print)."""
         if self.expert_workers == 0:
-            return "single-process engine" + (", ingress in its replica" if self.colocate_ingress else "")
+            on_thread = "" if self.engine_process else ", stepped on a thread of its replica"
+            ingress = ", ingress in its replica" if self.colocate_ingress else ""
+            return f"single-process engine{on_thread}{ingress}"
         n = self.vision_workers
         vision = f" + {n} vision worker{'s' if n > 1 else ''}" if n else ""
         return (
@@ -374,6 +376,9 @@ class ColocatedServer(Ingress):
 
     def check_health(self) -> None:
         self.engine_server.check_health()
+
+    async def worker_pids(self) -> dict[str, list[int]]:
+        return await self.engine_server.worker_pids()
 
     def __del__(self) -> None:
         if hasattr(self, "engine_server"):

@@ -155,10 +155,12 @@ class EngineServer:
             yield EngineFailure("invalid_request", str(e))
 
     async def worker_pids(self) -> dict[str, list[int]]:
-        """The processes of this replica's workers, by role (operators, fault tests)."""
+        """The processes of this replica's workers, by role (operators, fault tests); "engine":
+        the single-process engine's own process, if it has one."""
         if self.spec.cluster is None:
-            return {"attention": [], "expert": []}
-        return await asyncio.to_thread(self.engine.engine.worker_pids)
+            own = [self.engine.pid] if isinstance(self.engine, ProcessEngine) else []
+            return {"attention": [], "expert": [], "engine": own}
+        return {**await asyncio.to_thread(self.engine.engine.worker_pids), "engine": []}
 
     def is_alive(self) -> bool:
         return self.engine.alive

@@ -88,3 +88,16 @@ def test_ratios_against_vllm():
     assert again["single"]["req_s"] == 4.0 and again["single_2"]["req_s"] == 5.0
     # without vLLM's figures there are no ratios
     assert "req_s_vs_vllm" not in comparison(rows[1:])["single"]
+
+
+def test_the_engine_on_a_thread_of_its_replica_for_a_side_by_side(tmp_path):
+    process, thread, single_thread = servers(
+        args(servers="colocated,colocated-thread:4,single-thread"),
+        tmp_path,
+        PeerSetup(scripts=tmp_path, root=tmp_path),
+    )
+    assert (thread.key, single_thread.key) == ("colocated_thread_si4", "single_thread")
+    assert "--engine-on-thread" not in process.command
+    assert thread.command[-4:] == ["--expert-workers", "0", "--colocate-ingress", "--engine-on-thread"]
+    assert single_thread.command[-3:] == ["--expert-workers", "0", "--engine-on-thread"]
+    assert "on a thread" in thread.name and "on a thread" not in process.name

@@ -216,6 +216,14 @@ def test_the_ingress_colocates_with_the_single_process_engine_only():
         ServeAppConfig(colocate_ingress=True)
 
 
+def test_the_single_process_engine_steps_in_a_child_process_unless_told_otherwise():
+    assert ServeAppConfig(expert_workers=0).engine_process
+    on_thread = ServeAppConfig(expert_workers=0, engine_process=False)
+    assert on_thread.layout() == "single-process engine, stepped on a thread of its replica"
+    with pytest.raises(ValidationError, match="engine_process places the single-process engine"):
+        ServeAppConfig(engine_process=False)
+
+
 def test_the_layers_thread_setting_reaches_the_engine_config():
     assert ServeAppConfig().engine.to_config().parallel_min_tokens == PARALLEL_MIN_TOKENS == "auto"
     for value in (1, 64, "auto"):

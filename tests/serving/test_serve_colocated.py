@@ -124,3 +124,40 @@ def test_metrics_come_from_the_replica_and_a_left_stream_frees_its_blocks(coloca
         assert time.monotonic() < deadline, f"blocks still held: {idle}"
         time.sleep(0.2)
     assert idle["llama4_ep_num_requests_running"] == 0
+
+
+@pytest.mark.slow
+def test_a_killed_engine_process_fails_its_stream_and_serve_replaces_the_replica(colocated, reference):
+    """Last in the module: it replaces the application's replica."""
+    import os
+    import signal
+
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ColocatedServer", APP)
+    (pid,) = handle.worker_pids.remote().result()["engine"]
+    body = {"model": "colocated-model", "prompt": list(range(1, 50)), "max_tokens": 2000, "stream": True}
+    with (
+        httpx.Client(base_url=colocated, timeout=60) as c,
+        c.stream("POST", "/v1/completions", json={**body, **IGNORE_EOS}) as r,
+    ):
+        events = (line for line in r.iter_lines() if line)
+        assert next(events).startswith("data: ")
+        os.kill(pid, signal.SIGKILL)
+        rest = list(events)
+    assert any('"error"' in e for e in rest) and not any("Traceback" in e for e in rest), rest[-3:]
+    assert rest[-1] == "data: [DONE]" or '"error"' in rest[-1]
+    deadline = time.monotonic() + 180  # Serve's health check (every 5 s) replaces the replica
+    while True:
+        try:
+            (new_pid,) = handle.worker_pids.remote().result(timeout_s=30)["engine"]
+        except Exception:  # the replica is being replaced
+            new_pid = pid
+        if new_pid != pid and httpx.get(f"{colocated}/health", timeout=30).status_code == 200:
+            break
+        assert time.monotonic() < deadline, "the replica was not replaced"
+        time.sleep(0.5)
+    prompt = random_prompts([6], seed=54)[0]
+    req = {"model": "colocated-model", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+    r = httpx.post(f"{colocated}/v1/completions", json={**req, **IGNORE_EOS}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference(prompt)[1]
