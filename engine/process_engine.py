@@ -31,7 +31,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -140,15 +140,6 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
 
 
-@dataclass
-class _ChildState:
-    """What the reader thread learns from the child (read by any thread)."""
-
-    num_steps: int = 0
-    step_times: StepTimes = field(default_factory=StepTimes)
-    metrics: dict = field(default_factory=dict)
-
-
 class ProcessEngine:
     """`AsyncEngine`'s verbs (`generate`, `call`, `alive`, `close`) for an engine in a child
     process. `factory()` builds the engine there; it must pickle (a `functools.partial` of
@@ -170,7 +161,10 @@ class ProcessEngine:
         self._calls: dict[int, concurrent.futures.Future] = {}
         self._lock = threading.Lock()  # _streams, _calls, the socket's sending end
         self._ids = itertools.count()
-        self._state = _ChildState()
+        # what the reader thread learns from the child (read by any thread)
+        self.num_steps = 0
+        self.step_times = StepTimes()
+        self._metrics: dict = {}
         self._dead = False
         self._closing = False
         self._reason: str | None = None  # why the child stopped, for clients
@@ -197,7 +191,7 @@ class ProcessEngine:
             raise RuntimeError(f"the engine process exited (code {code}) before its engine was built") from e
         if isinstance(reply, _Failed):
             raise RuntimeError(f"the engine process could not build its engine: {reply.reason}")
-        self._state.metrics = reply.metrics
+        self._metrics = reply.metrics
         return reply.pid
 
     # -- what the serving layer reads ---------------------------------------------------
@@ -217,17 +211,9 @@ class ProcessEngine:
     def error(self) -> str | None:
         return None if self.alive else self.reason
 
-    @property
-    def num_steps(self) -> int:
-        return self._state.num_steps
-
-    @property
-    def step_times(self) -> StepTimes:
-        return self._state.step_times
-
     def gauges(self) -> dict[str, Any]:
         """The engine's gauges as of its last step or command."""
-        return dict(self._state.metrics)
+        return dict(self._metrics)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -329,12 +315,12 @@ class ProcessEngine:
 
     def _handle(self, message: object) -> None:
         if isinstance(message, _Stepped):
-            self._state.step_times.add(message.seconds)
-            self._state.num_steps += 1
-            self._state.metrics = message.metrics
+            self.step_times.add(message.seconds)
+            self.num_steps += 1
+            self._metrics = message.metrics
             self._deliver(message.outputs)
         elif isinstance(message, _Gauges):
-            self._state.metrics = message.metrics
+            self._metrics = message.metrics
         elif isinstance(message, _Rejected):
             with self._lock:
                 stream = self._streams.pop(message.request_id, None)
