@@ -58,10 +58,15 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         images: Sequence[ProcessedImage] = (),
+        output_token_ids: Sequence[int] = (),
     ) -> str:
-        """`images`: the prompt's images, encoded here at admission (in-process)."""
+        """`images`: the prompt's images, encoded here at admission (in-process).
+        `output_token_ids`: what the request generated before (resumed after its engine was lost):
+        it catches up on prompt and those tokens, then goes on."""
         request_id = request_id or f"req-{next(self._ids)}"
-        self.core.add_request(Request(request_id, list(prompt_token_ids), params, images=tuple(images)))
+        request = Request(request_id, list(prompt_token_ids), params, images=tuple(images))
+        request.output_token_ids = list(output_token_ids)
+        self.core.add_request(request)
         return request_id
 
     def abort(self, request_id: str) -> None:

@@ -12,6 +12,11 @@ the parent's `__main__`: in a Ray worker, Ray's). It builds its engine from a
 picklable factory, says it is ready, then loops: apply the commands that came in, step, send what
 the step produced. It stops when told to, when the parent's end of the socket closes (the parent
 died), or when the engine raises, after saying why.
+
+The parent keeps, for each open request, what it needs to run it again: its prompt, its params
+(with a seed), the tokens streamed so far. When a child dies the parent starts another and adds
+the requests to it with their tokens; the engine catches each one up on prompt and tokens (as
+after a preemption) and samples the next token as the lost child would have.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -39,6 +44,7 @@ from engine.async_engine import EngineDeadError, QueueFullError, StepTimes, join
 from engine.core import RequestOutput
 from engine.protocol import Engine, EngineUnavailable
 from engine.request import SamplingParams
+from engine.sampling import new_seed
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,7 @@ class _AddRequest:
     prompt: list[int]
     params: SamplingParams
     images: tuple = ()  # model.image_processing.ProcessedImage
+    output_token_ids: tuple[int, ...] = ()  # a resumed request's tokens so far
 
 
 @dataclass(frozen=True)
@@ -136,15 +143,34 @@ def _recv(conn: Connection) -> Any:
 
 @dataclass
 class _Stream:
+    """A request the parent is streaming, with what it needs to run it again in a new child."""
+
     outputs: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    add: _AddRequest  # its params carry a seed, so a resumed request samples what it would have
+    output_token_ids: list[int] = field(default_factory=list)  # handed on so far
+    prompt_logprobs: int = 0  # prompt logprob entries handed on so far
+    skip_prompt_logprobs: int = 0  # entries the current child computes again, not to hand on twice
+    deaths: int = 0  # engine processes lost while it ran
+
+    def resumed(self) -> _AddRequest:
+        self.skip_prompt_logprobs = self.prompt_logprobs
+        return replace(self.add, output_token_ids=tuple(self.output_token_ids))
 
 
 class ProcessEngine:
     """`AsyncEngine`'s verbs (`generate`, `call`, `alive`, `close`) for an engine in a child
     process. `factory()` builds the engine there; it must pickle (a `functools.partial` of
     `LLMEngine.from_checkpoint` does). The constructor returns once the engine is built, and raises
-    RuntimeError if it could not be."""
+    RuntimeError if it could not be.
+
+    A child that dies (killed, crashed, its engine raised) is replaced by a new one, at most
+    `restarts` times in any `restart_window_s`; its requests are added to the new child with the
+    tokens they had streamed and go on from there (the same tokens as without the loss: greedy, or
+    sampled from the request's seed, which the parent fixes when the request has none). Streams
+    only wait. A request that was running when `max_deaths_per_request` children died fails, in
+    case it is what kills them. Past the budget the engine is dead, and Serve replaces the
+    replica."""
 
     def __init__(
         self,
@@ -152,14 +178,24 @@ class ProcessEngine:
         threads: int | None = None,
         max_pending: int = 256,
         stream_interval: int = 1,
+        restarts: int = 3,
+        restart_window_s: float = 600.0,
+        max_deaths_per_request: int = 2,
     ) -> None:
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, not {stream_interval}")
+        if restarts < 0:
+            raise ValueError(f"restarts must be >= 0, not {restarts}")
         self.max_pending = max_pending
         self.stream_interval = stream_interval
+        self.restarts = restarts
+        self.restart_window_s = restart_window_s
+        self.max_deaths_per_request = max_deaths_per_request
+        self._factory = factory
+        self._threads = threads
         self._streams: dict[str, _Stream] = {}
         self._calls: dict[int, concurrent.futures.Future] = {}
-        self._lock = threading.Lock()  # _streams, _calls, the socket's sending end
+        self._lock = threading.Lock()  # _streams, _calls, _restarting, the socket's sending end
         self._ids = itertools.count()
         # what the reader thread learns from the child (read by any thread)
         self.num_steps = 0
@@ -167,38 +203,20 @@ class ProcessEngine:
         self._metrics: dict = {}
         self._dead = False
         self._closing = False
+        self._restarting = False  # between a child's death and its successor's readiness
         self._reason: str | None = None  # why the child stopped, for clients
-        self._process, self._conn = _start_child()
-        try:
-            self.pid = self._handshake(factory, threads)
-        except BaseException:
-            self._process.kill()
-            self._process.wait()
-            self._conn.close()
-            raise
+        self._restart_times: list[float] = []  # monotonic, of each restart in the window
+        self._faults = {"deaths": 0, "restart_seconds": [], "requests_resumed": 0}
+        self._process, self._conn, self.pid, self._metrics = _start_engine_child(factory, threads)
         self._reader = threading.Thread(target=self._read, name="engine-process-reader", daemon=True)
         self._reader.start()
-
-    def _handshake(self, factory: Callable[[], Engine], threads: int | None) -> int:
-        _send(self._conn, _Start(factory, threads))
-        while not self._conn.poll(1.0):
-            if self._process.poll() is not None:
-                break
-        try:
-            reply = _recv(self._conn)
-        except (EOFError, OSError) as e:
-            code = self._process.wait()
-            raise RuntimeError(f"the engine process exited (code {code}) before its engine was built") from e
-        if isinstance(reply, _Failed):
-            raise RuntimeError(f"the engine process could not build its engine: {reply.reason}")
-        self._metrics = reply.metrics
-        return reply.pid
 
     # -- what the serving layer reads ---------------------------------------------------
 
     @property
     def alive(self) -> bool:
-        return not self._dead and not self._closing and self._process.poll() is None
+        """Serving, or about to again: a child that died is being replaced."""
+        return not self._dead and not self._closing
 
     @property
     def reason(self) -> str:
@@ -212,8 +230,17 @@ class ProcessEngine:
         return None if self.alive else self.reason
 
     def gauges(self) -> dict[str, Any]:
-        """The engine's gauges as of its last step or command."""
-        return dict(self._metrics)
+        """The engine's gauges as of its last step or command, and the children lost and
+        replaced (`faults`, in the cluster engine's terms: the child is the one worker)."""
+        f = self._faults
+        faults = {
+            "worker_failures": {"engine": f["deaths"]},
+            "recoveries": len(f["restart_seconds"]),
+            "recovery_seconds": list(f["restart_seconds"]),
+            "requests_replayed": f["requests_resumed"],
+            "epoch": len(f["restart_seconds"]),
+        }
+        return {**self._metrics, "faults": faults}
 
     # -- requests -----------------------------------------------------------------------
 
@@ -226,21 +253,27 @@ class ProcessEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they are produced; the last one has finished=True. A
         request that can never run raises ValueError (from the engine's `add`)."""
-        if not self.alive:
-            raise EngineDeadError(f"the engine is not running: {self.reason}")
         request_id = request_id or f"req-{next(self._ids)}"
+        if params.temperature > 0 and params.seed is None:
+            params = replace(params, seed=new_seed())
+        add = _AddRequest(request_id, list(prompt_token_ids), params, tuple(images))
+        payload = pickle.dumps(add, protocol=pickle.HIGHEST_PROTOCOL)
         outputs: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if not self.alive:
+                raise EngineDeadError(f"the engine is not running: {self.reason}")
             if len(self._streams) >= self.max_pending:
                 raise QueueFullError(
                     f"{self.max_pending} requests are already queued or running; retry later"
                 )
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
-            self._streams[request_id] = _Stream(outputs, asyncio.get_running_loop())
+            self._streams[request_id] = _Stream(outputs, asyncio.get_running_loop(), add)
+            if not self._restarting:  # a restart adds it to the new child
+                with suppress(OSError):  # the child just died: the reader restarts it or fails us
+                    self._conn.send_bytes(payload)
         finished = False
         try:
-            self._post(_AddRequest(request_id, list(prompt_token_ids), params, tuple(images)))
             async with aclosing(joined_outputs(outputs, self.stream_interval)) as joined:
                 async for out in joined:
                     finished = out.finished
@@ -254,10 +287,12 @@ class ProcessEngine:
 
     def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
         """Run fn(engine) in the child between two steps; the future holds its result or its
-        exception. fn and its result must pickle (`operator.methodcaller("stats")` does)."""
+        exception. fn and its result must pickle (`operator.methodcaller("stats")` does). A call
+        in flight when the child dies fails, and so does one made while it is replaced."""
         result: concurrent.futures.Future = concurrent.futures.Future()
-        if not self.alive:
-            result.set_exception(EngineDeadError(f"the engine is not running: {self.reason}"))
+        if not self.alive or self._restarting:
+            why = "it is restarting" if self.alive else self.reason
+            result.set_exception(EngineDeadError(f"the engine is not running: {why}"))
             return result
         call_id = next(self._ids)
         with self._lock:
@@ -292,26 +327,99 @@ class ProcessEngine:
             log.warning("the engine process did not stop in 30 s: killing it")
             self._process.kill()
             self._process.wait()
-        self._reader.join(timeout=5)
+        self._reader.join(timeout=30)  # a restart in progress stops its new child itself
         self._conn.close()
 
     # -- the reader thread --------------------------------------------------------------
 
     def _read(self) -> None:
+        """Hand on what the child sends; when it dies, replace it (or fail everything)."""
+        while True:
+            reason = self._read_child()
+            code = self._process.wait()
+            if self._closing:
+                break
+            said = f" ({reason})" if reason else ""
+            log.error("the engine process %d exited with code %s%s", self.pid, code, said)
+            self._faults["deaths"] += 1
+            if not self._restart_allowed():
+                break
+            if not self._restart():
+                break
+        self._dead = True
+        self._fail_all(EngineDeadError(f"the engine stopped: {self.reason}"))
+
+    def _read_child(self) -> str | None:
+        """Read the current child until it is gone; its last words, if it said why."""
         try:
             while True:
                 message = _recv(self._conn)
                 if isinstance(message, _Died):
                     self._reason = message.reason
-                    break
+                    return message.reason
                 self._handle(message)
         except (EOFError, OSError):
-            pass
-        self._dead = True
-        code = self._process.wait()
-        if not self._closing:
-            log.error("the engine process %d exited with code %s", self.pid, code)
-        self._fail_all(EngineDeadError(f"the engine stopped: {self.reason}"))
+            return None
+
+    def _restart_allowed(self) -> bool:
+        now = time.monotonic()
+        self._restart_times = [t for t in self._restart_times if now - t < self.restart_window_s]
+        if len(self._restart_times) >= self.restarts:
+            if self.restarts:
+                log.error(
+                    "the engine process died %d times in %.0f s: not starting another",
+                    len(self._restart_times) + 1,
+                    self.restart_window_s,
+                )
+            return False
+        self._restart_times.append(now)
+        return True
+
+    def _restart(self) -> bool:
+        """A new child, with every open request added again where it stopped; False if none
+        could be started."""
+        start = time.perf_counter()
+        with self._lock:
+            self._restarting = True
+            calls, self._calls = list(self._calls.values()), {}
+            poisoned = []
+            for request_id, stream in list(self._streams.items()):
+                stream.deaths += 1
+                if stream.deaths >= self.max_deaths_per_request:
+                    poisoned.append(self._streams.pop(request_id))
+        for future in calls:
+            future.set_exception(EngineDeadError("the engine process was lost while it ran this call"))
+        for stream in poisoned:
+            why = f"the engine failed {stream.deaths} times while running this request"
+            _hand_on(stream, EngineDeadError(why))
+        old_conn = self._conn
+        try:
+            process, conn, pid, metrics = _start_engine_child(self._factory, self._threads)
+        except RuntimeError as e:
+            log.error("could not replace the engine process: %s", e)
+            self._reason = "the engine process was lost and could not be replaced"
+            return False
+        with self._lock:
+            self._process, self._conn, self.pid, self._metrics = process, conn, pid, metrics
+            self._restarting = False
+            resumed = list(self._streams.values())
+            for stream in resumed:
+                with suppress(OSError):  # it died already: the next pass of _read sees it
+                    conn.send_bytes(pickle.dumps(stream.resumed(), protocol=pickle.HIGHEST_PROTOCOL))
+        old_conn.close()
+        self._reason = None
+        seconds = time.perf_counter() - start
+        self._faults["restart_seconds"].append(seconds)
+        self._faults["requests_resumed"] += len(resumed)
+        log.warning(
+            "the engine process %d replaced its lost predecessor in %.1f s; %d requests resumed",
+            pid,
+            seconds,
+            len(resumed),
+        )
+        if self._closing:  # close() came during the restart: it waited on the old child
+            self._post(_Stop(), quiet=True)
+        return True
 
     def _handle(self, message: object) -> None:
         if isinstance(message, _Stepped):
@@ -340,8 +448,17 @@ class ProcessEngine:
                 stream = self._streams.get(out.request_id)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
-            if stream is not None:
-                _hand_on(stream, out)
+            if stream is None:
+                continue
+            if stream.skip_prompt_logprobs and out.prompt_logprobs:  # a resumed request's again
+                skip = min(stream.skip_prompt_logprobs, len(out.prompt_logprobs))
+                stream.skip_prompt_logprobs -= skip
+                out = replace(out, prompt_logprobs=out.prompt_logprobs[skip:])
+                if not (out.new_token_ids or out.prompt_logprobs or out.finished):
+                    continue
+            stream.output_token_ids.extend(out.new_token_ids)
+            stream.prompt_logprobs += len(out.prompt_logprobs)
+            _hand_on(stream, out)
 
     def _fail_all(self, error: EngineDeadError) -> None:
         with self._lock:
@@ -361,6 +478,32 @@ def _hand_on(stream: _Stream, item: RequestOutput | BaseException) -> None:
 # `main` imported, not `python -m engine.process_engine`: run as __main__, this module's message
 # classes would pickle as __main__'s, which the parent cannot load
 CHILD = "import sys; from engine.process_engine import main; sys.exit(main(sys.argv))"
+
+
+def _start_engine_child(
+    factory: Callable[[], Engine], threads: int | None
+) -> tuple[subprocess.Popen, Connection, int, dict]:
+    """A child with its engine built: its process, socket, pid and first gauges. RuntimeError
+    if the engine could not be built."""
+    process, conn = _start_child()
+    try:
+        _send(conn, _Start(factory, threads))
+        while not conn.poll(1.0):
+            if process.poll() is not None:
+                break
+        try:
+            reply = _recv(conn)
+        except (EOFError, OSError) as e:
+            code = process.wait()
+            raise RuntimeError(f"the engine process exited (code {code}) before its engine was built") from e
+        if isinstance(reply, _Failed):
+            raise RuntimeError(f"the engine process could not build its engine: {reply.reason}")
+    except BaseException:
+        process.kill()
+        process.wait()
+        conn.close()
+        raise
+    return process, conn, reply.pid, reply.metrics
 
 
 def _start_child() -> tuple[subprocess.Popen, Connection]:
@@ -423,11 +566,13 @@ class _ChildLoop:
 
     def _apply(self, message: object) -> None:
         if isinstance(message, _AddRequest):
+            extra: dict[str, Any] = {}  # keywords only where needed: any `Engine` takes the rest
+            if message.images:
+                extra["images"] = message.images
+            if message.output_token_ids:
+                extra["output_token_ids"] = message.output_token_ids
             try:
-                if message.images:
-                    self.engine.add(message.prompt, message.params, message.request_id, images=message.images)
-                else:
-                    self.engine.add(message.prompt, message.params, message.request_id)
+                self.engine.add(message.prompt, message.params, message.request_id, **extra)
             except ValueError as e:
                 _send(self.conn, _Rejected(message.request_id, str(e)))
         elif isinstance(message, _AbortRequest):

@@ -198,6 +198,12 @@ class ServeAppConfig(BaseModel):
         description="the single-process engine (expert_workers 0) steps in a child process of its "
         "replica, with a GIL of its own; False: on a thread of the replica",
     )
+    engine_restarts: int = Field(
+        3,
+        ge=0,
+        description="the engine process (engine_process) is replaced this many times in 10 minutes, "
+        "its requests going on where they stopped; past that, Serve replaces the replica",
+    )
     stream_interval: int = Field(
         1,
         ge=1,
@@ -408,6 +414,7 @@ def build_app(config: ServeAppConfig) -> Application:
         config.stream_interval,
         engine_threads(config, resources.get("CPU", 0.0)),
         engine_process=config.engine_process,
+        engine_restarts=config.engine_restarts,
     )
     options = {
         "max_ongoing_requests": config.max_ongoing_requests or config.max_pending + 32,

@@ -153,6 +153,13 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "process with a GIL of its own",
     )
     p.add_argument(
+        "--engine-restarts",
+        type=count_type("--engine-restarts", 0),
+        default=3,
+        help="with --expert-workers 0: replace a lost engine process this many times in 10 minutes, "
+        "resuming its requests (default 3; 0: Serve replaces the replica at once)",
+    )
+    p.add_argument(
         "--threads",
         type=count_type("--threads", 1),
         default=None,
@@ -298,6 +305,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         colocate_ingress=args.colocate_ingress,
         engine_process=not args.engine_on_thread,
+        engine_restarts=args.engine_restarts,
         api_key=args.api_key,
         strict_requests=args.strict_requests,
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],

@@ -5,9 +5,11 @@ reserved in the replica's own placement group: bundle 0 holds the replica, bundl
 workers, attention ranks first) or, with no expert workers, the single-process `LLMEngine`.
 The single-process engine steps in a child process of the replica (`ProcessEngine`, unless
 `engine_process` is off), where its Python does not share the replica's GIL with the event loop,
-the HTTP and gRPC handlers and Ray's threads; the cluster engine, whose step is mostly waiting on
-its workers, runs its step loop on a thread (`AsyncEngine`). Text never reaches this deployment:
-the ingress tokenizes and detokenizes, so a replica's work is token ids in, token ids out.
+the HTTP and gRPC handlers and Ray's threads, and which is replaced if it dies, its requests going
+on where they stopped (`engine_restarts` times in 10 minutes). The cluster engine, whose step is
+mostly waiting on its workers, runs its step loop on a thread (`AsyncEngine`). Text never reaches
+this deployment: the ingress tokenizes and detokenizes, so a replica's work is token ids in, token
+ids out.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class EngineSpec:
     # the single-process engine steps in a child process (`ProcessEngine`); False: on a thread of
     # the replica (`AsyncEngine`), sharing its GIL
     engine_process: bool = True
+    # times in 10 minutes the engine process is replaced, its requests resumed (`ProcessEngine`)
+    engine_restarts: int = 3
 
 
 @dataclass(frozen=True)
@@ -237,7 +241,9 @@ def start_engine(spec: EngineSpec) -> AsyncEngine | ProcessEngine:
     process (or on a thread, without `engine_process`), the cluster engine on a thread."""
     if spec.cluster is None and spec.engine_process:
         factory = functools.partial(LLMEngine.from_checkpoint, spec.model_dir, spec.engine)
-        return ProcessEngine(factory, spec.threads, spec.max_pending, spec.stream_interval)
+        return ProcessEngine(
+            factory, spec.threads, spec.max_pending, spec.stream_interval, restarts=spec.engine_restarts
+        )
     if spec.threads is not None:  # no more than the cores this process may run on
         torch.set_num_threads(min(spec.threads, len(os.sched_getaffinity(0))))
     return AsyncEngine(build_engine(spec), spec.max_pending, stream_interval=spec.stream_interval)

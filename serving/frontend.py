@@ -273,6 +273,6 @@ def _failure_error(failure: EngineFailure, request_id: str) -> APIError:
     if failure.kind == "queue_full":
         return queue_full(failure.message)
     if failure.kind == "engine_dead":
-        log.warning("request %s: the engine is not running: %s", request_id, failure.message)
+        log.warning("request %s: %s", request_id, failure.message)
         return unavailable(f"the engine is not running; retry later (request id {request_id})")
     return invalid(failure.message)

@@ -186,7 +186,9 @@ def fault_families(snapshots: list[dict[str, Any]], model_name: str) -> Iterator
     )
     epoch = GaugeMetricFamily(f"{PREFIX}_membership_epoch", "The engine's membership epoch", labels=labels)
     replayed = CounterMetricFamily(
-        f"{PREFIX}_requests_replayed", "Requests re-admitted on another attention worker", labels=labels
+        f"{PREFIX}_requests_replayed",
+        "Requests re-admitted after their attention worker or engine process was lost",
+        labels=labels,
     )
     for snap in snapshots:
         f = snap.get("faults") or {}

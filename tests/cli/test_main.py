@@ -98,6 +98,11 @@ def test_bad_values_are_named(tiny_maverick):
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
 
 
+def test_serve_names_a_bad_restart_count_before_it_starts_anything():
+    r = llama4_ep("serve", "--engine-restarts", "-1")
+    assert r.returncode == 2 and "argument --engine-restarts: must be >= 0, got -1" in r.stderr, r.stderr
+
+
 def test_generate_through_the_cluster_equals_single_process(tiny_maverick):
     args = [
         "generate",

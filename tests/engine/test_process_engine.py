@@ -1,5 +1,7 @@
 """The engine in a child process: the same tokens, bad requests, abandoned streams, calls, the
-child's death (a real SIGKILL) and its exit when its parent dies."""
+child's death (a real SIGKILL: its requests go on in a new child with the same tokens, or fail
+once the restarts are spent), a request that kills every child, and the child's exit when its
+parent dies."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from engine.core import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.process_engine import ProcessEngine
 from engine.request import FinishReason, SamplingParams
+from tests.engine import crashing_engine
 from tests.helpers import random_prompts
 
 CONFIG = EngineConfig(num_kv_blocks=512, block_size=4)
@@ -145,8 +148,8 @@ def test_an_engine_that_cannot_be_built_is_a_runtime_error(tmp_path):
         ProcessEngine(functools.partial(LLMEngine.from_checkpoint, str(tmp_path), CONFIG))
 
 
-def test_a_killed_child_fails_its_streams_and_the_engine_reports_dead(tiny_maverick):
-    engine = ProcessEngine(factory(tiny_maverick), threads=1)
+def test_a_killed_child_with_no_restarts_fails_its_streams_and_the_engine_reports_dead(tiny_maverick):
+    engine = ProcessEngine(factory(tiny_maverick), threads=1, restarts=0)
     loop = asyncio.new_event_loop()
 
     async def main():
@@ -164,6 +167,87 @@ def test_a_killed_child_fails_its_streams_and_the_engine_reports_dead(tiny_maver
             loop.run_until_complete(collect(engine, [1, 2, 3]))
         with pytest.raises(EngineDeadError):
             engine.call(operator.methodcaller("stats")).result(timeout=30)
+    finally:
+        engine.close()
+        loop.close()
+
+
+def test_a_killed_child_is_replaced_and_its_requests_go_on_with_the_same_tokens(tiny_maverick):
+    """Greedy, seeded and unseeded sampling, prompt logprobs and a stop token, killed mid-stream:
+    what each stream receives equals an uninterrupted run (the unseeded one: its length)."""
+    prompts = random_prompts([5, 17, 30, 9, 12], seed=43)
+    long = SamplingParams(max_tokens=300, ignore_eos=True)
+    params = [
+        long,
+        SamplingParams(max_tokens=300, ignore_eos=True, temperature=0.8, seed=11),
+        SamplingParams(max_tokens=300, ignore_eos=True, prompt_logprobs=2, logprobs=1),
+        SamplingParams(max_tokens=300, ignore_eos=True, temperature=1.0),
+        long,
+    ]
+    reference = LLMEngine.from_checkpoint(tiny_maverick, CONFIG).generate(prompts, params)
+    # a stop token the greedy continuation of prompt 4 reaches after a hundred-odd tokens
+    stop = reference[4].token_ids[150]
+    params[4] = SamplingParams(max_tokens=300, stop_token_ids=(stop,))
+    expected = reference[4].token_ids[: reference[4].token_ids.index(stop) + 1]
+    engine = ProcessEngine(factory(tiny_maverick), threads=1, restarts=1)
+    first_pid = engine.pid
+    loop = asyncio.new_event_loop()
+
+    async def one(prompt, p, started: asyncio.Event):
+        tokens, prompt_lps, lps, last = [], [], [], None
+        async for out in engine.generate(prompt, p):
+            tokens += out.new_token_ids
+            prompt_lps += out.prompt_logprobs
+            lps += out.logprobs
+            last = out
+            started.set()
+        return tokens, prompt_lps, lps, last
+
+    async def main():
+        started = [asyncio.Event() for _ in prompts]
+        tasks = [asyncio.create_task(one(*args)) for args in zip(prompts, params, started, strict=True)]
+        for event in started:
+            await event.wait()
+        os.kill(engine.pid, signal.SIGKILL)
+        return await asyncio.gather(*tasks)
+
+    try:
+        results = loop.run_until_complete(main())
+        for i in (0, 1, 2):
+            assert results[i][0] == reference[i].token_ids, i
+        assert len(results[3][0]) == 300
+        assert results[4][0] == expected and results[4][3].finish_reason is FinishReason.STOP
+        # prompt logprobs once each, though the new child computed the prompt again
+        _, prompt_lps, lps, last = results[2]
+        assert prompt_lps[0] is None and [e.token_id for e in prompt_lps[1:]] == prompts[2][1:]
+        assert [e.token_id for e in lps] == reference[2].token_ids and last.num_output_tokens == 300
+        assert engine.alive and engine.pid != first_pid
+        faults = engine.gauges()["faults"]
+        assert faults["worker_failures"] == {"engine": 1} and faults["requests_replayed"] == 5
+        assert faults["recoveries"] == 1 and faults["recovery_seconds"][0] > 0
+        tokens, _ = loop.run_until_complete(collect(engine, prompts[0], PARAMS))
+        assert tokens == reference[0].token_ids[:10]
+        # the restart budget (1) is spent: the next death is the end
+        os.kill(engine.pid, signal.SIGKILL)
+        assert wait_for(lambda: not engine.alive)
+        with pytest.raises(EngineDeadError):
+            loop.run_until_complete(collect(engine, [1, 2, 3]))
+    finally:
+        engine.close()
+        loop.close()
+
+
+def test_a_request_that_kills_every_child_fails_and_the_engine_serves_on(tiny_maverick):
+    build = functools.partial(crashing_engine.build, str(tiny_maverick), CONFIG)
+    engine = ProcessEngine(build, threads=1, restarts=3, max_deaths_per_request=2)
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(EngineDeadError, match="failed 2 times while running this request"):
+            loop.run_until_complete(collect(engine, [crashing_engine.POISON]))
+        assert engine.alive and engine.gauges()["faults"]["worker_failures"] == {"engine": 2}
+        prompt = random_prompts([8], seed=44)[0]
+        (expected,) = LLMEngine.from_checkpoint(tiny_maverick, CONFIG).generate([prompt], PARAMS)
+        assert loop.run_until_complete(collect(engine, prompt))[0] == expected.token_ids
     finally:
         engine.close()
         loop.close()

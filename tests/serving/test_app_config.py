@@ -222,6 +222,9 @@ def test_the_single_process_engine_steps_in_a_child_process_unless_told_otherwis
     assert on_thread.layout() == "single-process engine, stepped on a thread of its replica"
     with pytest.raises(ValidationError, match="engine_process places the single-process engine"):
         ServeAppConfig(engine_process=False)
+    assert ServeAppConfig(expert_workers=0).engine_restarts == 3
+    with pytest.raises(ValidationError, match="engine_restarts"):
+        ServeAppConfig(expert_workers=0, engine_restarts=-1)
 
 
 def test_the_layers_thread_setting_reaches_the_engine_config():

@@ -2,10 +2,11 @@
 Serve replica, deployed as its own application beside the session's. Its replies equal the
 engine's over HTTP (streamed and whole, with a stream interval) and gRPC; bad input is a 400 and
 serving goes on; /health and /metrics answer from the replica's own engine; a stream the client
-leaves frees its KV blocks."""
+leaves frees its KV blocks; a killed engine process is replaced and its stream goes on."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -127,8 +128,9 @@ def test_metrics_come_from_the_replica_and_a_left_stream_frees_its_blocks(coloca
 
 
 @pytest.mark.slow
-def test_a_killed_engine_process_fails_its_stream_and_serve_replaces_the_replica(colocated, reference):
-    """Last in the module: it replaces the application's replica."""
+def test_a_killed_engine_process_is_replaced_and_its_stream_goes_on_unchanged(colocated, tiny_maverick):
+    """A SIGKILL mid-stream: the replica starts a new engine process, the stream waits and then
+    goes on, and the text is what an uninterrupted run gives; /metrics counts the loss."""
     import os
     import signal
 
@@ -136,28 +138,25 @@ def test_a_killed_engine_process_fails_its_stream_and_serve_replaces_the_replica
 
     handle = serve.get_deployment_handle("ColocatedServer", APP)
     (pid,) = handle.worker_pids.remote().result()["engine"]
-    body = {"model": "colocated-model", "prompt": list(range(1, 50)), "max_tokens": 2000, "stream": True}
+    prompt, n = list(range(1, 50)), 400
+    engine = LLMEngine.from_checkpoint(tiny_maverick, EngineConfig(**ENGINE))
+    (done,) = engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))
+    expected = Tokenizer(tiny_maverick).decode_output(done.token_ids)
+    body = {"model": "colocated-model", "prompt": prompt, "max_tokens": n, "stream": True, "temperature": 0}
+    text = []
     with (
-        httpx.Client(base_url=colocated, timeout=60) as c,
+        httpx.Client(base_url=colocated, timeout=120) as c,
         c.stream("POST", "/v1/completions", json={**body, **IGNORE_EOS}) as r,
     ):
-        events = (line for line in r.iter_lines() if line)
-        assert next(events).startswith("data: ")
+        events = (line.removeprefix("data: ") for line in r.iter_lines() if line)
+        text.append(json.loads(next(events))["choices"][0]["text"])
         os.kill(pid, signal.SIGKILL)
         rest = list(events)
-    assert any('"error"' in e for e in rest) and not any("Traceback" in e for e in rest), rest[-3:]
-    assert rest[-1] == "data: [DONE]" or '"error"' in rest[-1]
-    deadline = time.monotonic() + 180  # Serve's health check (every 5 s) replaces the replica
-    while True:
-        try:
-            (new_pid,) = handle.worker_pids.remote().result(timeout_s=30)["engine"]
-        except Exception:  # the replica is being replaced
-            new_pid = pid
-        if new_pid != pid and httpx.get(f"{colocated}/health", timeout=30).status_code == 200:
-            break
-        assert time.monotonic() < deadline, "the replica was not replaced"
-        time.sleep(0.5)
-    prompt = random_prompts([6], seed=54)[0]
-    req = {"model": "colocated-model", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
-    r = httpx.post(f"{colocated}/v1/completions", json={**req, **IGNORE_EOS}, timeout=60)
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference(prompt)[1]
+    assert rest[-1] == "[DONE]", rest[-3:]
+    text += [json.loads(e)["choices"][0]["text"] for e in rest[:-1]]
+    assert "".join(text) == expected
+    (new_pid,) = handle.worker_pids.remote().result()["engine"]
+    assert new_pid != pid
+    m = metrics(colocated)
+    assert m["llama4_ep_worker_failures_total"] == 1 and m["llama4_ep_requests_replayed_total"] == 1
+    assert m["llama4_ep_recovery_seconds_count"] == 1
