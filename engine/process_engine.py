@@ -412,7 +412,7 @@ class ProcessEngine:
         self._faults["restart_seconds"].append(seconds)
         self._faults["requests_resumed"] += len(resumed)
         log.warning(
-            "the engine process %d replaced its lost predecessor in %.1f s; %d requests resumed",
+            "the engine process %d replaced its lost predecessor in %.1f s; requests resumed: %d",
             pid,
             seconds,
             len(resumed),
