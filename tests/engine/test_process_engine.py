@@ -176,18 +176,18 @@ def test_a_killed_child_is_replaced_and_its_requests_go_on_with_the_same_tokens(
     """Greedy, seeded and unseeded sampling, prompt logprobs and a stop token, killed mid-stream:
     what each stream receives equals an uninterrupted run (the unseeded one: its length)."""
     prompts = random_prompts([5, 17, 30, 9, 12], seed=43)
-    long = SamplingParams(max_tokens=300, ignore_eos=True)
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
     params = [
         long,
-        SamplingParams(max_tokens=300, ignore_eos=True, temperature=0.8, seed=11),
-        SamplingParams(max_tokens=300, ignore_eos=True, prompt_logprobs=2, logprobs=1),
-        SamplingParams(max_tokens=300, ignore_eos=True, temperature=1.0),
+        SamplingParams(max_tokens=200, ignore_eos=True, temperature=0.8, seed=11),
+        SamplingParams(max_tokens=200, ignore_eos=True, prompt_logprobs=2, logprobs=1),
+        SamplingParams(max_tokens=200, ignore_eos=True, temperature=1.0),
         long,
     ]
     reference = LLMEngine.from_checkpoint(tiny_maverick, CONFIG).generate(prompts, params)
-    # a stop token the greedy continuation of prompt 4 reaches after a hundred-odd tokens
-    stop = reference[4].token_ids[150]
-    params[4] = SamplingParams(max_tokens=300, stop_token_ids=(stop,))
+    # a stop token the greedy continuation of prompt 4 reaches after a hundred tokens or so
+    stop = reference[4].token_ids[100]
+    params[4] = SamplingParams(max_tokens=200, stop_token_ids=(stop,))
     expected = reference[4].token_ids[: reference[4].token_ids.index(stop) + 1]
     engine = ProcessEngine(factory(tiny_maverick), threads=1, restarts=1)
     first_pid = engine.pid
@@ -215,12 +215,12 @@ def test_a_killed_child_is_replaced_and_its_requests_go_on_with_the_same_tokens(
         results = loop.run_until_complete(main())
         for i in (0, 1, 2):
             assert results[i][0] == reference[i].token_ids, i
-        assert len(results[3][0]) == 300
+        assert len(results[3][0]) == 200
         assert results[4][0] == expected and results[4][3].finish_reason is FinishReason.STOP
         # prompt logprobs once each, though the new child computed the prompt again
         _, prompt_lps, lps, last = results[2]
         assert prompt_lps[0] is None and [e.token_id for e in prompt_lps[1:]] == prompts[2][1:]
-        assert [e.token_id for e in lps] == reference[2].token_ids and last.num_output_tokens == 300
+        assert [e.token_id for e in lps] == reference[2].token_ids and last.num_output_tokens == 200
         assert engine.alive and engine.pid != first_pid
         faults = engine.gauges()["faults"]
         assert faults["worker_failures"] == {"engine": 1} and faults["requests_replayed"] == 5
