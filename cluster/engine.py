@@ -33,14 +33,14 @@ from cluster.expert_worker import ExpertWorker
 from cluster.membership import Command, HeaderBoard
 from cluster.placement_groups import attention_threads, bundles_in, node_cpus, reserve
 from cluster.rebalancer import Rebalancer
-from cluster.recovery import ClusterUnavailable, FaultStats, Recovery, StepOutcome, await_step
+from cluster.recovery import ClusterUnavailable, Recovery, StepOutcome, await_step
 from cluster.rendezvous import CONCURRENCY_GROUPS
 from cluster.resize import Bundle, Resizer
 from cluster.vision_worker import VisionTier, VisionWorker
 from engine.autoscale import AutoscalerConfig, Decision, TierAutoscaler
 from engine.core import EngineConfig, RequestOutput, check_fits
 from engine.data_parallel import RequestBook
-from engine.protocol import Completion, generate
+from engine.protocol import Completion, FaultStats, generate
 from engine.request import FinishReason, SamplingParams
 from model.config import ModelConfig
 from model.image_processing import ProcessedImage

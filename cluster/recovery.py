@@ -56,24 +56,6 @@ class StepOutcome:
         return bool(self.lost_attention or self.lost_experts or self.errors)
 
 
-@dataclass
-class FaultStats:
-    """What /metrics shows about failures and recoveries."""
-
-    worker_failures: dict[str, int] = field(default_factory=lambda: {"attention": 0, "expert": 0})
-    recovery_seconds: list[float] = field(default_factory=list)
-    requests_replayed: int = 0
-
-    def figures(self, epoch: int) -> dict:
-        return {
-            "worker_failures": dict(self.worker_failures),
-            "recoveries": len(self.recovery_seconds),
-            "recovery_seconds": list(self.recovery_seconds),
-            "requests_replayed": self.requests_replayed,
-            "epoch": epoch,
-        }
-
-
 def await_step(engine: ClusterEngine, refs: list[ray.ObjectRef]) -> StepOutcome:
     """The step's results, or what failed in it once every survivor has left the epoch."""
     outcome = StepOutcome([])

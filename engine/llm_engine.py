@@ -64,9 +64,15 @@ class LLMEngine:
         `output_token_ids`: what the request generated before (resumed after its engine was lost):
         it catches up on prompt and those tokens, then goes on."""
         request_id = request_id or f"req-{next(self._ids)}"
-        request = Request(request_id, list(prompt_token_ids), params, images=tuple(images))
-        request.output_token_ids = list(output_token_ids)
-        self.core.add_request(request)
+        self.core.add_request(
+            Request(
+                request_id,
+                list(prompt_token_ids),
+                params,
+                output_token_ids=list(output_token_ids),
+                images=tuple(images),
+            )
+        )
         return request_id
 
     def abort(self, request_id: str) -> None:

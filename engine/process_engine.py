@@ -7,11 +7,8 @@ single-process engine on the main thread of a child process instead. The two tal
 socket: one message per command (add, abort, call, stop) and one per step (every output of the
 step together, with the step's duration and the engine's gauges).
 
-The child is a fresh interpreter that calls `main` (not multiprocessing's spawn, which re-runs
-the parent's `__main__`: in a Ray worker, Ray's). It builds its engine from a
-picklable factory, says it is ready, then loops: apply the commands that came in, step, send what
-the step produced. It stops when told to, when the parent's end of the socket closes (the parent
-died), or when the engine raises, after saying why.
+The child's side, and the messages, are in `engine.process_child`: a fresh interpreter that builds
+its engine from a picklable factory, says it is ready, then applies commands and steps.
 
 The parent keeps, for each open request, what it needs to run it again: its prompt, its params
 (with a seed), the tokens streamed so far. When a child dies the parent starts another and adds
@@ -27,13 +24,11 @@ import itertools
 import logging
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field, replace
@@ -42,100 +37,26 @@ from typing import Any
 
 from engine.async_engine import EngineDeadError, QueueFullError, StepTimes, joined_outputs
 from engine.core import RequestOutput
-from engine.protocol import Engine, EngineUnavailable
+from engine.process_child import (
+    AbortRequest,
+    AddRequest,
+    CallEngine,
+    Died,
+    Failed,
+    Gauges,
+    Rejected,
+    Result,
+    Start,
+    Stepped,
+    Stop,
+    recv,
+    send,
+)
+from engine.protocol import Engine, FaultStats
 from engine.request import SamplingParams
 from engine.sampling import new_seed
 
 log = logging.getLogger(__name__)
-
-INTERNAL_ERROR = "an internal error (see the server log)"
-
-
-# -- messages, parent to child ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Start:
-    factory: Callable[[], Engine]
-    threads: int | None  # torch intra-op threads of the child; None: its default
-
-
-@dataclass(frozen=True)
-class _AddRequest:
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    images: tuple = ()  # model.image_processing.ProcessedImage
-    output_token_ids: tuple[int, ...] = ()  # a resumed request's tokens so far
-
-
-@dataclass(frozen=True)
-class _AbortRequest:
-    request_id: str
-
-
-@dataclass(frozen=True)
-class _CallEngine:
-    call_id: int
-    fn: Callable[[Engine], Any]
-
-
-@dataclass(frozen=True)
-class _Stop:
-    pass
-
-
-# -- messages, child to parent ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Ready:
-    pid: int
-    metrics: dict
-
-
-@dataclass(frozen=True)
-class _Failed:
-    reason: str  # why the engine could not be built
-
-
-@dataclass(frozen=True)
-class _Stepped:
-    outputs: list[RequestOutput]
-    seconds: float  # the engine's step alone
-    metrics: dict
-
-
-@dataclass(frozen=True)
-class _Rejected:
-    request_id: str
-    message: str  # the engine's ValueError: a request that can never run
-
-
-@dataclass(frozen=True)
-class _Result:
-    call_id: int
-    value: Any = None
-    error: Exception | None = None
-
-
-@dataclass(frozen=True)
-class _Gauges:
-    metrics: dict  # after commands that changed them with no step to report it (an abort)
-
-
-@dataclass(frozen=True)
-class _Died:
-    reason: str  # for clients: EngineUnavailable's message, or INTERNAL_ERROR
-
-
-def _send(conn: Connection, message: object) -> None:
-    # plain pickle: multiprocessing's would move tensors through shared memory, this copies them
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def _recv(conn: Connection) -> Any:
-    return pickle.loads(conn.recv_bytes())
 
 
 # -- the parent's side --------------------------------------------------------------------
@@ -147,13 +68,13 @@ class _Stream:
 
     outputs: asyncio.Queue
     loop: asyncio.AbstractEventLoop
-    add: _AddRequest  # its params carry a seed, so a resumed request samples what it would have
+    add: AddRequest  # its params carry a seed, so a resumed request samples what it would have
     output_token_ids: list[int] = field(default_factory=list)  # handed on so far
     prompt_logprobs: int = 0  # prompt logprob entries handed on so far
     skip_prompt_logprobs: int = 0  # entries the current child computes again, not to hand on twice
     deaths: int = 0  # engine processes lost while it ran
 
-    def resumed(self) -> _AddRequest:
+    def resumed(self) -> AddRequest:
         self.skip_prompt_logprobs = self.prompt_logprobs
         return replace(self.add, output_token_ids=tuple(self.output_token_ids))
 
@@ -206,7 +127,7 @@ class ProcessEngine:
         self._restarting = False  # between a child's death and its successor's readiness
         self._reason: str | None = None  # why the child stopped, for clients
         self._restart_times: list[float] = []  # monotonic, of each restart in the window
-        self._faults = {"deaths": 0, "restart_seconds": [], "requests_resumed": 0}
+        self.faults = FaultStats(worker_failures={"engine": 0})  # the one worker: the child
         self._process, self._conn, self.pid, self._metrics = _start_engine_child(factory, threads)
         self._reader = threading.Thread(target=self._read, name="engine-process-reader", daemon=True)
         self._reader.start()
@@ -231,16 +152,8 @@ class ProcessEngine:
 
     def gauges(self) -> dict[str, Any]:
         """The engine's gauges as of its last step or command, and the children lost and
-        replaced (`faults`, in the cluster engine's terms: the child is the one worker)."""
-        f = self._faults
-        faults = {
-            "worker_failures": {"engine": f["deaths"]},
-            "recoveries": len(f["restart_seconds"]),
-            "recovery_seconds": list(f["restart_seconds"]),
-            "requests_replayed": f["requests_resumed"],
-            "epoch": len(f["restart_seconds"]),
-        }
-        return {**self._metrics, "faults": faults}
+        replaced (`faults`; its epoch: the children replaced)."""
+        return {**self._metrics, "faults": self.faults.figures(epoch=len(self.faults.recovery_seconds))}
 
     # -- requests -----------------------------------------------------------------------
 
@@ -256,7 +169,7 @@ class ProcessEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if params.temperature > 0 and params.seed is None:
             params = replace(params, seed=new_seed())
-        add = _AddRequest(request_id, list(prompt_token_ids), params, tuple(images))
+        add = AddRequest(request_id, list(prompt_token_ids), params, tuple(images))
         payload = pickle.dumps(add, protocol=pickle.HIGHEST_PROTOCOL)
         outputs: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -283,7 +196,7 @@ class ProcessEngine:
                 with self._lock:
                     running = self._streams.pop(request_id, None) is not None
                 if running and self.alive:
-                    self._post(_AbortRequest(request_id), quiet=True)
+                    self._post(AbortRequest(request_id), quiet=True)
 
     def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
         """Run fn(engine) in the child between two steps; the future holds its result or its
@@ -298,7 +211,7 @@ class ProcessEngine:
         with self._lock:
             self._calls[call_id] = result
         try:
-            self._post(_CallEngine(call_id, fn))
+            self._post(CallEngine(call_id, fn))
         except Exception as e:  # fn did not pickle, or the child is gone
             with self._lock:
                 self._calls.pop(call_id, None)
@@ -320,7 +233,7 @@ class ProcessEngine:
         if self._closing:
             return
         self._closing = True
-        self._post(_Stop(), quiet=True)
+        self._post(Stop(), quiet=True)
         try:
             self._process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -341,10 +254,8 @@ class ProcessEngine:
                 break
             said = f" ({reason})" if reason else ""
             log.error("the engine process %d exited with code %s%s", self.pid, code, said)
-            self._faults["deaths"] += 1
-            if not self._restart_allowed():
-                break
-            if not self._restart():
+            self.faults.worker_failures["engine"] += 1
+            if not (self._restart_allowed() and self._restart()):
                 break
         self._dead = True
         self._fail_all(EngineDeadError(f"the engine stopped: {self.reason}"))
@@ -353,8 +264,8 @@ class ProcessEngine:
         """Read the current child until it is gone; its last words, if it said why."""
         try:
             while True:
-                message = _recv(self._conn)
-                if isinstance(message, _Died):
+                message = recv(self._conn)
+                if isinstance(message, Died):
                     self._reason = message.reason
                     return message.reason
                 self._handle(message)
@@ -409,8 +320,8 @@ class ProcessEngine:
         old_conn.close()
         self._reason = None
         seconds = time.perf_counter() - start
-        self._faults["restart_seconds"].append(seconds)
-        self._faults["requests_resumed"] += len(resumed)
+        self.faults.recovery_seconds.append(seconds)
+        self.faults.requests_replayed += len(resumed)
         log.warning(
             "the engine process %d replaced its lost predecessor in %.1f s; requests resumed: %d",
             pid,
@@ -418,23 +329,23 @@ class ProcessEngine:
             len(resumed),
         )
         if self._closing:  # close() came during the restart: it waited on the old child
-            self._post(_Stop(), quiet=True)
+            self._post(Stop(), quiet=True)
         return True
 
     def _handle(self, message: object) -> None:
-        if isinstance(message, _Stepped):
+        if isinstance(message, Stepped):
             self.step_times.add(message.seconds)
             self.num_steps += 1
             self._metrics = message.metrics
             self._deliver(message.outputs)
-        elif isinstance(message, _Gauges):
+        elif isinstance(message, Gauges):
             self._metrics = message.metrics
-        elif isinstance(message, _Rejected):
+        elif isinstance(message, Rejected):
             with self._lock:
                 stream = self._streams.pop(message.request_id, None)
             if stream is not None:
                 _hand_on(stream, ValueError(message.message))
-        elif isinstance(message, _Result):
+        elif isinstance(message, Result):
             with self._lock:
                 future = self._calls.pop(message.call_id, None)
             if future is not None and message.error is not None:
@@ -475,9 +386,9 @@ def _hand_on(stream: _Stream, item: RequestOutput | BaseException) -> None:
         stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, item)
 
 
-# `main` imported, not `python -m engine.process_engine`: run as __main__, this module's message
+# `main` imported, not `python -m engine.process_child`: run as __main__, that module's message
 # classes would pickle as __main__'s, which the parent cannot load
-CHILD = "import sys; from engine.process_engine import main; sys.exit(main(sys.argv))"
+CHILD = "import sys; from engine.process_child import main; sys.exit(main(sys.argv))"
 
 
 def _start_engine_child(
@@ -487,16 +398,16 @@ def _start_engine_child(
     if the engine could not be built."""
     process, conn = _start_child()
     try:
-        _send(conn, _Start(factory, threads))
+        send(conn, Start(factory, threads))
         while not conn.poll(1.0):
             if process.poll() is not None:
                 break
         try:
-            reply = _recv(conn)
+            reply = recv(conn)
         except (EOFError, OSError) as e:
             code = process.wait()
             raise RuntimeError(f"the engine process exited (code {code}) before its engine was built") from e
-        if isinstance(reply, _Failed):
+        if isinstance(reply, Failed):
             raise RuntimeError(f"the engine process could not build its engine: {reply.reason}")
     except BaseException:
         process.kill()
@@ -520,95 +431,3 @@ def _start_child() -> tuple[subprocess.Popen, Connection]:
     finally:
         theirs.close()
     return process, Connection(ours.detach())
-
-
-# -- the child's side ---------------------------------------------------------------------
-
-
-class _ChildLoop:
-    def __init__(self, conn: Connection, engine: Engine) -> None:
-        self.conn = conn
-        self.engine = engine
-
-    def run(self) -> int:
-        """Step until told to stop or the parent is gone (0), or the engine raises (1)."""
-        try:
-            while self._apply_commands(block=not self.engine.has_unfinished):
-                if self.engine.has_unfinished:
-                    start = time.perf_counter()
-                    outputs = self.engine.step()
-                    seconds = time.perf_counter() - start
-                    _send(self.conn, _Stepped(outputs, seconds, self.engine.metrics()))
-            return 0
-        except (EOFError, BrokenPipeError, ConnectionResetError):  # the parent is gone
-            return 0
-        except BaseException as e:
-            traceback.print_exc()
-            reason = str(e) if isinstance(e, EngineUnavailable) else INTERNAL_ERROR
-            with suppress(OSError):
-                _send(self.conn, _Died(reason))
-            return 1
-        finally:
-            self.engine.close()
-
-    def _apply_commands(self, block: bool) -> bool:
-        """Apply what the parent sent (waiting for something if `block`); False: stop."""
-        applied = False
-        while self.conn.poll(None if block and not applied else 0):
-            message = _recv(self.conn)
-            if isinstance(message, _Stop):
-                return False
-            self._apply(message)
-            applied = True
-        if applied and not self.engine.has_unfinished:
-            _send(self.conn, _Gauges(self.engine.metrics()))
-        return True
-
-    def _apply(self, message: object) -> None:
-        if isinstance(message, _AddRequest):
-            extra: dict[str, Any] = {}  # keywords only where needed: any `Engine` takes the rest
-            if message.images:
-                extra["images"] = message.images
-            if message.output_token_ids:
-                extra["output_token_ids"] = message.output_token_ids
-            try:
-                self.engine.add(message.prompt, message.params, message.request_id, **extra)
-            except ValueError as e:
-                _send(self.conn, _Rejected(message.request_id, str(e)))
-        elif isinstance(message, _AbortRequest):
-            self.engine.abort(message.request_id)
-        elif isinstance(message, _CallEngine):
-            try:
-                result = _Result(message.call_id, value=message.fn(self.engine))
-                payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception as e:  # the caller gets it; the loop goes on
-                payload = pickle.dumps(_Result(message.call_id, error=_picklable(e)))
-            self.conn.send_bytes(payload)
-
-
-def _picklable(error: Exception) -> Exception:
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
-
-
-def main(argv: list[str]) -> int:
-    """The child: build the engine the parent asks for, say so, then step it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the parent, which stops us
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-process %(levelname)s %(message)s")
-    conn = Connection(int(argv[1]))
-    start: _Start = _recv(conn)
-    if start.threads is not None:
-        import torch
-
-        torch.set_num_threads(min(start.threads, len(os.sched_getaffinity(0))))
-    try:
-        engine = start.factory()
-    except Exception as e:
-        traceback.print_exc()
-        _send(conn, _Failed(f"{type(e).__name__}: {e}"))
-        return 1
-    _send(conn, _Ready(os.getpid(), engine.metrics()))
-    return _ChildLoop(conn, engine).run()

@@ -20,6 +20,25 @@ class EngineUnavailable(RuntimeError):
     clients. Requests should be retried: Serve replaces the replica."""
 
 
+@dataclass
+class FaultStats:
+    """What /metrics shows about an engine's lost workers and its recoveries (the cluster
+    engine's workers; `ProcessEngine`'s one engine process, role "engine")."""
+
+    worker_failures: dict[str, int] = field(default_factory=lambda: {"attention": 0, "expert": 0})
+    recovery_seconds: list[float] = field(default_factory=list)
+    requests_replayed: int = 0
+
+    def figures(self, epoch: int) -> dict:
+        return {
+            "worker_failures": dict(self.worker_failures),
+            "recoveries": len(self.recovery_seconds),
+            "recovery_seconds": list(self.recovery_seconds),
+            "requests_replayed": self.requests_replayed,
+            "epoch": epoch,
+        }
+
+
 @runtime_checkable
 class Engine(Protocol):
     def add(

@@ -172,9 +172,9 @@ def test_a_killed_child_with_no_restarts_fails_its_streams_and_the_engine_report
         loop.close()
 
 
-def test_a_killed_child_is_replaced_and_its_requests_go_on_with_the_same_tokens(tiny_maverick):
-    """Greedy, seeded and unseeded sampling, prompt logprobs and a stop token, killed mid-stream:
-    what each stream receives equals an uninterrupted run (the unseeded one: its length)."""
+def mixed_requests(checkpoint):
+    """Prompts, their params (greedy, seeded and unseeded sampling, prompt logprobs, a stop token)
+    and an uninterrupted in-process run of them (for the stop token: what it should stop at)."""
     prompts = random_prompts([5, 17, 30, 9, 12], seed=43)
     long = SamplingParams(max_tokens=200, ignore_eos=True)
     params = [
@@ -184,11 +184,18 @@ def test_a_killed_child_is_replaced_and_its_requests_go_on_with_the_same_tokens(
         SamplingParams(max_tokens=200, ignore_eos=True, temperature=1.0),
         long,
     ]
-    reference = LLMEngine.from_checkpoint(tiny_maverick, CONFIG).generate(prompts, params)
+    reference = [c.token_ids for c in LLMEngine.from_checkpoint(checkpoint, CONFIG).generate(prompts, params)]
     # a stop token the greedy continuation of prompt 4 reaches after a hundred tokens or so
-    stop = reference[4].token_ids[100]
+    stop = reference[4][100]
     params[4] = SamplingParams(max_tokens=200, stop_token_ids=(stop,))
-    expected = reference[4].token_ids[: reference[4].token_ids.index(stop) + 1]
+    reference[4] = reference[4][: reference[4].index(stop) + 1]
+    return prompts, params, reference
+
+
+def test_a_killed_child_is_replaced_and_its_requests_go_on_with_the_same_tokens(tiny_maverick):
+    """Greedy, seeded and unseeded sampling, prompt logprobs and a stop token, killed mid-stream:
+    what each stream receives equals an uninterrupted run (the unseeded one: its length)."""
+    prompts, params, reference = mixed_requests(tiny_maverick)
     engine = ProcessEngine(factory(tiny_maverick), threads=1, restarts=1)
     first_pid = engine.pid
     loop = asyncio.new_event_loop()
@@ -214,19 +221,19 @@ def test_a_killed_child_is_replaced_and_its_requests_go_on_with_the_same_tokens(
     try:
         results = loop.run_until_complete(main())
         for i in (0, 1, 2):
-            assert results[i][0] == reference[i].token_ids, i
+            assert results[i][0] == reference[i], i
         assert len(results[3][0]) == 200
-        assert results[4][0] == expected and results[4][3].finish_reason is FinishReason.STOP
+        assert results[4][0] == reference[4] and results[4][3].finish_reason is FinishReason.STOP
         # prompt logprobs once each, though the new child computed the prompt again
         _, prompt_lps, lps, last = results[2]
         assert prompt_lps[0] is None and [e.token_id for e in prompt_lps[1:]] == prompts[2][1:]
-        assert [e.token_id for e in lps] == reference[2].token_ids and last.num_output_tokens == 200
+        assert [e.token_id for e in lps] == reference[2] and last.num_output_tokens == 200
         assert engine.alive and engine.pid != first_pid
         faults = engine.gauges()["faults"]
         assert faults["worker_failures"] == {"engine": 1} and faults["requests_replayed"] == 5
         assert faults["recoveries"] == 1 and faults["recovery_seconds"][0] > 0
         tokens, _ = loop.run_until_complete(collect(engine, prompts[0], PARAMS))
-        assert tokens == reference[0].token_ids[:10]
+        assert tokens == reference[0][:10]
         # the restart budget (1) is spent: the next death is the end
         os.kill(engine.pid, signal.SIGKILL)
         assert wait_for(lambda: not engine.alive)
