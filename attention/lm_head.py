@@ -22,12 +22,16 @@ would:
 The second form costs a second copy of the weight (207 MB on bench-maverick). For two rows or
 more the logits were bitwise those of `x @ w` here (the same sums in the same order); for one
 row they differ in the last bits (1.4e-6 here), as two BLAS kernels do. Elsewhere (a GPU, bf16,
-a torch built without oneDNN) there is one form, the plain [H, V], and the product is `x @ w`.
+a torch built without oneDNN) there is one form, the checkpoint's own [V, H], and the product is
+`F.linear`, the one transformers' `nn.Linear` computes. (A copy laid out as [H, V] once gave bf16
+logits one rounding away from it on another CPU, whose BLAS takes a different kernel for each
+layout.)
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 ROW_BLOCKS = 32  # one-row products on a CPU: blocks of columns (of 6314 at Llama 4's vocabulary)
 
@@ -42,7 +46,7 @@ class LmHead:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
             self._blocks = _column_blocks(weight, ROW_BLOCKS)
         else:
-            self._plain = weight.t().clone(memory_format=torch.contiguous_format)  # [H, V], for `x @ w`
+            self._plain = weight  # [V, H], for `F.linear`
 
     @property
     def prepacked(self) -> bool:
@@ -51,7 +55,7 @@ class LmHead:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, V] fp32."""
         if self._plain is not None:
-            return (hidden @ self._plain).float()
+            return F.linear(hidden, self._plain).float()
         if hidden.shape[0] >= 2:
             return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), self._packed, None, "none", [], "")
         if hidden.shape[0] == 0:  # oneDNN refuses an empty batch

@@ -1,8 +1,9 @@
-"""The lm_head product: oneDNN's prepacked weight on a CPU in fp32, the plain [H, V] elsewhere."""
+"""The lm_head product: oneDNN's prepacked weight on a CPU in fp32, the checkpoint's [V, H] elsewhere."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from attention.lm_head import LmHead
 
@@ -36,11 +37,14 @@ def test_a_strided_batch_and_an_empty_one():
     assert head(torch.empty(0, HIDDEN)).shape == (0, VOCAB)
 
 
-def test_bf16_keeps_the_plain_layout():
+def test_bf16_keeps_the_checkpoint_layout_and_the_linear_product():
+    """bf16 logits are bitwise `nn.Linear`'s (what transformers computes), widened to fp32."""
     weight = _weight(torch.bfloat16)
     head = LmHead(weight)
     assert not head.prepacked
     hidden = torch.randn(3, HIDDEN).to(torch.bfloat16)
     logits = head(hidden)
     assert logits.dtype == torch.float32
-    assert torch.equal(logits, (hidden @ weight.t()).float())
+    assert torch.equal(logits, F.linear(hidden, weight).float())
+    reference = hidden.double() @ weight.double().t()
+    torch.testing.assert_close(logits.double(), reference, atol=2**-10, rtol=2**-7)  # about one bf16 rounding
