@@ -12,7 +12,6 @@ from pathlib import Path
 
 from bench.gpu_args import add_gpu_arguments
 from bench.serve import add_bench_serve_parser
-from router.transport import TRANSPORTS
 from serving.cli import add_parallel_min_tokens, count_type
 
 
@@ -87,6 +86,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _transports(text: str) -> tuple[str, ...]:
+    from router.transport import TRANSPORTS  # here, not at the top: it imports torch
+
     values = tuple(t.strip() for t in text.split(",") if t.strip())
     bad = [t for t in values if t not in TRANSPORTS]
     if not values or bad:
