@@ -163,7 +163,11 @@ def _add_make_checkpoint(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama4-ep", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="llama4-ep",
+        description="Serve, run and measure Llama 4 mixture-of-experts models, their experts in Ray actors.",
+        epilog="With no --model, generate and serve use a tiny Llama 4-shaped checkpoint they make once.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_make_checkpoint(sub)
