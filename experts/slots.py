@@ -8,6 +8,7 @@ every expert in this process, one slot each.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,8 +67,11 @@ class LayerSlots:
         if not self.gate_up:
             return self.gate_up, self.down
         views_gu, views_dn = self._views
-        current = len(views_gu) == len(self.gate_up) and all(
-            a is b for a, b in zip(self.gate_up + self.down, views_gu + views_dn, strict=True)
+        # every step asks: a C-level identity check (map), not a generator over 2S pairs
+        current = (
+            len(views_gu) == len(self.gate_up) == len(self.down)
+            and all(map(operator.is_, self.gate_up, views_gu))
+            and all(map(operator.is_, self.down, views_dn))
         )
         if not current:
             fresh = LayerSlots.from_stacked(torch.stack(self.gate_up), torch.stack(self.down), [])
