@@ -86,7 +86,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _transports(text: str) -> tuple[str, ...]:
-    from router.transport import TRANSPORTS  # here, not at the top: it imports torch
+    from router.transport import TRANSPORTS  # lazy: it imports torch, and parsing must not
 
     values = tuple(t.strip() for t in text.split(",") if t.strip())
     bad = [t for t in values if t not in TRANSPORTS]

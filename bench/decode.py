@@ -33,6 +33,9 @@ def _prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(0, 200000, (batch, length), generator=g).tolist()
 
 
+MAX_EXTRA_TURNS = 10  # per runner, when the decode time came out as none
+
+
 def _timed(run: Callable[[int], None], n: int) -> float:
     t0 = time.perf_counter()
     run(n)
@@ -54,10 +57,21 @@ def _decode_rates(
             prefills[name].append(_timed(run, 1))
             totals[name].append(_timed(run, new_tokens))
     rows = {}
-    for name in runners:
+    for name, run in runners.items():
+        # a busy spell over a prefill-only run can make it outlast the whole run: the difference
+        # would then be no time at all, and the rate absurd. Take more turns until it is not.
+        for _ in range(MAX_EXTRA_TURNS):
+            if min(totals[name]) > min(prefills[name]):
+                break
+            prefills[name].append(_timed(run, 1))
+            totals[name].append(_timed(run, new_tokens))
         prefill, total = min(prefills[name]), min(totals[name])
-        decode = max(total - prefill, 1e-9)
-        rate = batch * (new_tokens - 1) / decode
+        if total <= prefill:
+            raise RuntimeError(
+                f"{name}: {new_tokens} tokens never took longer than the first alone in "
+                f"{len(totals[name])} runs (the machine is too busy, or --new-tokens too few to measure)"
+            )
+        rate = batch * (new_tokens - 1) / (total - prefill)
         rows[name] = {"decode_tok_s": rate, "total_s": total, "prefill_s": prefill}
     return rows
 

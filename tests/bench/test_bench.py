@@ -4,9 +4,11 @@ sane figures. No timing is asserted (benchmarks are scripts, not timed tests).""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
+from bench.decode import _decode_rates
 from cli.main import main
 
 
@@ -55,6 +57,23 @@ def test_bench_decode_cluster_engine_and_transformers(capsys, ray_session, tiny_
         figures["cluster_decode_tok_s"] / hf, abs=0.01
     )
     assert figures["cluster_workers"] == [1, 1]
+
+
+def test_a_prefill_run_that_outlasts_the_whole_run_is_measured_again():
+    """A busy spell can make the one-token run slower than the whole run: that run is taken again,
+    and a runner whose difference never comes out positive is an error, not an absurd rate."""
+    calls: list[int] = []
+
+    def spell_on_the_first_prefill(n: int) -> None:
+        calls.append(n)
+        time.sleep(1.0 if calls.count(1) == 1 else 0.05 * n)  # a spell on the first timed prefill
+
+    (row,) = _decode_rates({"spell": spell_on_the_first_prefill}, batch=2, new_tokens=5, reps=1).values()
+    assert calls == [2, 1, 5, 1, 5]  # warm-up, the turn, one more turn
+    assert 0 < row["decode_tok_s"] < 2 * 4 / 0.1  # 4 tokens' sleeps, 0.2 s, less the prefill's overshoot
+
+    with pytest.raises(RuntimeError, match="never took longer than the first alone in 11 runs"):
+        _decode_rates({"never": lambda n: time.sleep(0.05 if n == 1 else 0)}, batch=1, new_tokens=3, reps=1)
 
 
 def test_bench_dispatch(capsys):
