@@ -66,7 +66,7 @@ def test_a_prefill_run_that_outlasts_the_whole_run_is_measured_again():
 
     def spell_on_the_first_prefill(n: int) -> None:
         calls.append(n)
-        time.sleep(1.0 if calls.count(1) == 1 else 0.05 * n)  # a spell on the first timed prefill
+        time.sleep(1.0 if len(calls) == 2 else 0.05 * n)  # a spell on the first timed prefill only
 
     (row,) = _decode_rates({"spell": spell_on_the_first_prefill}, batch=2, new_tokens=5, reps=1).values()
     assert calls == [2, 1, 5, 1, 5]  # warm-up, the turn, one more turn
