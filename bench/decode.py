@@ -36,26 +36,30 @@ def _prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:
 MAX_EXTRA_TURNS = 10  # per runner, when the decode time came out as none
 
 
-def _timed(run: Callable[[int], None], n: int) -> float:
-    t0 = time.perf_counter()
-    run(n)
-    return time.perf_counter() - t0
-
-
 def _decode_rates(
-    runners: dict[str, Callable[[int], None]], batch: int, new_tokens: int, reps: int
+    runners: dict[str, Callable[[int], None]],
+    batch: int,
+    new_tokens: int,
+    reps: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, dict[str, float]]:
     """Decode tokens/s of each runner: the time of `new_tokens` tokens minus the time of the first
     (prefill), each the fastest of `reps` runs (a busy machine only ever adds time). The runners
     take turns, so a busy spell of a shared machine does not land on one of them alone."""
-    for run in runners.values():
-        run(2)  # warm up
     prefills: dict[str, list[float]] = {name: [] for name in runners}
     totals: dict[str, list[float]] = {name: [] for name in runners}
+
+    def turn(name: str, run: Callable[[int], None]) -> None:
+        for n, times in ((1, prefills[name]), (new_tokens, totals[name])):
+            start = clock()
+            run(n)
+            times.append(clock() - start)
+
+    for run in runners.values():
+        run(2)  # warm up
     for _ in range(reps):
         for name, run in runners.items():
-            prefills[name].append(_timed(run, 1))
-            totals[name].append(_timed(run, new_tokens))
+            turn(name, run)
     rows = {}
     for name, run in runners.items():
         # a busy spell over a prefill-only run can make it outlast the whole run: the difference
@@ -63,8 +67,7 @@ def _decode_rates(
         for _ in range(MAX_EXTRA_TURNS):
             if min(totals[name]) > min(prefills[name]):
                 break
-            prefills[name].append(_timed(run, 1))
-            totals[name].append(_timed(run, new_tokens))
+            turn(name, run)
         prefill, total = min(prefills[name]), min(totals[name])
         if total <= prefill:
             raise RuntimeError(
