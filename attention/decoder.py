@@ -34,6 +34,7 @@ from attention.layers import (
 from attention.lm_head import LmHead
 from attention.paged import AttentionBatch, KVPool
 from attention.threads import PARALLEL_MIN_TOKENS, ThreadPolicy, intra_op_threads, thread_policy
+from model import host_memory
 from model.config import ModelConfig
 from router.gating import top1_gate
 
@@ -96,12 +97,13 @@ class TensorSource(Protocol):
 def load_non_expert_weights(
     reader: TensorSource, dtype: torch.dtype, device: torch.device | None = None
 ) -> NonExpertWeights:
-    """Every weight but the routed experts', read straight to `device` (default CPU) in `dtype`."""
+    """Every weight but the routed experts', read straight to `device` (default CPU) in `dtype`.
+    On a CPU they live in 2 MB pages (`model.host_memory`), the layers' side by side."""
     cfg = reader.config
     h, v = cfg.hidden_size, cfg.vocab_size
-    layers = tuple(_load_layer(reader, i, dtype, device) for i in range(cfg.num_hidden_layers))
+    layers = _packed(tuple(_load_layer(reader, i, dtype, device) for i in range(cfg.num_hidden_layers)))
     return NonExpertWeights(
-        embed=reader.tensor("embed_tokens.weight", (v, h), dtype, device),
+        embed=host_memory.in_huge_pages(reader.tensor("embed_tokens.weight", (v, h), dtype, device)),
         norm=reader.tensor("norm.weight", (h,), dtype, device),
         lm_head=LmHead(reader.tensor("lm_head.weight", (v, h), dtype, device)),
         layers=layers,
@@ -140,6 +142,27 @@ def _load_layer(
         mlp=mlp,
         router=router,
     )
+
+
+def _packed(layers: tuple[LayerWeights, ...]) -> tuple[LayerWeights, ...]:
+    """The layers' weights copied into one mapping of 2 MB pages (a few hundred KB each at the
+    bench preset, too small for a page of their own)."""
+    flat = host_memory.pack([t for lw in layers for t in _tensors(lw)])
+    it = iter(flat)
+    return tuple(
+        LayerWeights(
+            *(next(it) for _ in range(4)),
+            MLPWeights(next(it), next(it)),
+            next(it) if lw.router is not None else None,
+        )
+        for lw in layers
+    )
+
+
+def _tensors(lw: LayerWeights) -> list[torch.Tensor]:
+    """A layer's weights in the order of LayerWeights' fields."""
+    head = [lw.input_norm, lw.post_norm, lw.qkv, lw.o, lw.mlp.gate_up, lw.mlp.down]
+    return head if lw.router is None else [*head, lw.router]
 
 
 class Llama4Decoder:

@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model import host_memory
+
 ROW_BLOCKS = 32  # one-row products on a CPU: blocks of columns (of 6314 at Llama 4's vocabulary)
 
 
@@ -73,7 +75,8 @@ def _column_blocks(weight: torch.Tensor, blocks: int) -> torch.Tensor:
     width = -(-vocab // blocks)
     padded = weight.new_zeros(blocks * width, hidden)
     padded[:vocab] = weight
-    return padded.view(blocks, width, hidden).transpose(1, 2).contiguous()
+    out = host_memory.empty((blocks, hidden, width), weight.dtype, weight.device)  # read cold at each step
+    return out.copy_(padded.view(blocks, width, hidden).transpose(1, 2))
 
 
 def _packs(weight: torch.Tensor) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from experts.swiglu import grouped_swiglu
+from model import host_memory
 from model.checkpoint import CheckpointReader
 from router.placement import Placement
 
@@ -74,10 +75,17 @@ class LayerSlots:
             and all(map(operator.is_, self.down, views_dn))
         )
         if not current:
-            fresh = LayerSlots.from_stacked(torch.stack(self.gate_up), torch.stack(self.down), [])
+            fresh = LayerSlots.from_stacked(_stacked(self.gate_up), _stacked(self.down), [])
             self.gate_up, self.down = fresh.gate_up, fresh.down
             self._stacked, self._views = fresh._stacked, fresh._views
         return self._stacked
+
+
+def _stacked(slots: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack into memory of 2 MB pages on a CPU (`model.host_memory`): the slots are read
+    cold at each step."""
+    first = slots[0]
+    return torch.stack(slots, out=host_memory.empty((len(slots), *first.shape), first.dtype, first.device))
 
 
 def load_slots(
@@ -92,8 +100,8 @@ def load_slots(
     for layer_idx, expert_ids in experts_per_layer.items():
         w = reader.expert_rows(layer_idx, list(expert_ids), dtype, device)
         gate_up, down = w.gate_up, w.down  # stacked as read, for the grouped GEMM
-        if gate_up.device.type == "cpu":  # memory of its own, not a tensor the reader may share
-            gate_up, down = gate_up.clone(), down.clone()
+        if gate_up.device.type == "cpu":  # memory of its own (in 2 MB pages), not the reader's
+            gate_up, down = host_memory.copy(gate_up), host_memory.copy(down)
         out[layer_idx] = LayerSlots.from_stacked(gate_up, down, list(expert_ids))
     return out
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from attention.decoder import Llama4Decoder, load_non_expert_weights
+from attention.decoder import Llama4Decoder, _tensors, load_non_expert_weights
 from attention.paged import KVPool, SeqChunk, build_batch
 from experts.slots import LocalExperts
+from model import host_memory
 from model.checkpoint import CheckpointReader
 from tests.helpers import hf_model, random_prompts
 
@@ -116,3 +117,20 @@ def test_bfloat16_compute_is_close_to_float32(tiny_maverick):
         new_pool(dec, 256),
     )
     assert (low.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+def test_weights_in_huge_pages_give_the_same_logits(tiny_maverick, monkeypatch):
+    """The tiny preset's weights are below a 2 MB page; with the threshold at 0 they take the path
+    bench-maverick's take, and the logits stay bit for bit those of torch's own memory."""
+    steps = [[SeqChunk(f"r{i}", p, 0) for i, p in enumerate(random_prompts([9, 20, 1]))]]
+    plain = decoder_for(tiny_maverick)
+    monkeypatch.setattr(host_memory, "MIN_BYTES", 0)
+    placed = decoder_for(tiny_maverick)
+    layer_tensors = [t for lw in placed.weights.layers for t in _tensors(lw)]
+    assert len({t.untyped_storage().data_ptr() for t in layer_tensors}) == 1  # one mapping
+    stacked = [t for s in placed.experts.slots.values() for t in s.compute_weights()]
+    assert all(t.data_ptr() % host_memory.HUGE_PAGE == 0 for t in stacked)
+    layers = plain.cfg.num_hidden_layers
+    (want,) = run_chunks(plain, steps, Contiguous(layers, 8), new_pool(plain))
+    (got,) = run_chunks(placed, steps, Contiguous(layers, 8), new_pool(placed))
+    assert torch.equal(got, want)
