@@ -4,11 +4,14 @@ Every decode step reads each weight it uses once, and at batch 1 almost every re
 lm_head's 207 MB (bench-maverick) pushes the rest out of the caches. In 4 KB pages a cold read
 of a few hundred KB also pays a page walk every 4 KB (two levels of them in a VM), so it runs
 well under the machine's bandwidth. Weights placed in memory the kernel backs with 2 MB pages
-(an anonymous mapping advised `MADV_HUGEPAGE` before its first touch, which the default
-`madvise` setting of transparent huge pages honours) read faster. Measured on the 2-core
-machine this was written on, one thread, with a 64 MB pass between products to empty the caches
+(an anonymous mapping advised `MADV_HUGEPAGE` before its first touch, which transparent huge
+pages honour when set to `madvise` or `always`) read faster. Measured on the 2-core machine
+this was written on, one thread, with a 64 MB pass between products to empty the caches
 (`x [1, 256] @ gate_up[e]`, 28 random experts of a stacked [128, 256, 1024] weight; the one-row
-lm_head as 32 blocks of columns): 64 against 71 us per expert, 9.2 against 9.6 ms per head.
+lm_head as 32 blocks of columns): 64 against 71 us per expert, 9.2 against 9.6 ms per head. In
+the engine (bench-maverick, two engines taking turns in one process) decode went 1.02-1.04x
+faster at batch 1, 1.03x at batch 8, and even at batch 32, where the lm_head is bound by its
+arithmetic and reads oneDNN's packed weight, which this module cannot place.
 
 Only weights: they are allocated once. Advising the allocations of every step instead (torch's
 `THP_MEM_ALLOC_ENABLE=1`) made bench-maverick's batch-32 decode 4-18% slower here: each step then
