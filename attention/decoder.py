@@ -16,6 +16,7 @@ The lm_head goes further on a CPU: oneDNN's prepacked form, faster still for a f
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -147,22 +148,26 @@ def _load_layer(
 def _packed(layers: tuple[LayerWeights, ...]) -> tuple[LayerWeights, ...]:
     """The layers' weights copied into one mapping of 2 MB pages (a few hundred KB each at the
     bench preset, too small for a page of their own)."""
-    flat = host_memory.pack([t for lw in layers for t in _tensors(lw)])
-    it = iter(flat)
-    return tuple(
-        LayerWeights(
-            *(next(it) for _ in range(4)),
-            MLPWeights(next(it), next(it)),
-            next(it) if lw.router is not None else None,
-        )
-        for lw in layers
-    )
+    it = iter(host_memory.pack([t for lw in layers for t in _tensors(lw)]))
+    return tuple(_with_tensors(lw, it) for lw in layers)
 
 
 def _tensors(lw: LayerWeights) -> list[torch.Tensor]:
-    """A layer's weights in the order of LayerWeights' fields."""
+    """A layer's weights, in the order `_with_tensors` takes them back."""
     head = [lw.input_norm, lw.post_norm, lw.qkv, lw.o, lw.mlp.gate_up, lw.mlp.down]
     return head if lw.router is None else [*head, lw.router]
+
+
+def _with_tensors(lw: LayerWeights, it: Iterator[torch.Tensor]) -> LayerWeights:
+    """`lw` with its weights replaced, in `_tensors`' order, by the next ones from `it`."""
+    return LayerWeights(
+        input_norm=next(it),
+        post_norm=next(it),
+        qkv=next(it),
+        o=next(it),
+        mlp=MLPWeights(gate_up=next(it), down=next(it)),
+        router=None if lw.router is None else next(it),
+    )
 
 
 class Llama4Decoder:

@@ -75,8 +75,7 @@ def _column_blocks(weight: torch.Tensor, blocks: int) -> torch.Tensor:
     width = -(-vocab // blocks)
     padded = weight.new_zeros(blocks * width, hidden)
     padded[:vocab] = weight
-    out = host_memory.empty((blocks, hidden, width), weight.dtype, weight.device)  # read cold at each step
-    return out.copy_(padded.view(blocks, width, hidden).transpose(1, 2))
+    return host_memory.copy(padded.view(blocks, width, hidden).transpose(1, 2))  # read cold at each step
 
 
 def _packs(weight: torch.Tensor) -> bool:

@@ -25,6 +25,7 @@ these functions give ordinary tensors.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 from collections.abc import Sequence
 
@@ -37,7 +38,7 @@ ALIGN = 64  # bytes, the alignment torch's CPU allocator gives every tensor
 
 def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
     """An uninitialised contiguous tensor, in 2 MB pages when it is a CPU tensor of at least one."""
-    nbytes = _numel(shape) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if not _advisable(device, nbytes):
         return torch.empty(tuple(shape), dtype=dtype, device=device)
     return _arena(nbytes).view(dtype).view(tuple(shape))
@@ -86,10 +87,3 @@ def _arena(nbytes: int) -> torch.Tensor:
     raw = torch.frombuffer(mapping, dtype=torch.uint8)
     skip = -raw.data_ptr() % HUGE_PAGE
     return raw[skip : skip + nbytes]
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
